@@ -1,0 +1,10 @@
+"""The error type every stage raises for bad input; the CLI prints it as one line and exits 1."""
+
+
+class StagError(Exception):
+    """A user-facing error: the message names the file, tensor, field or flag and what was
+    expected."""
+
+
+class CheckpointError(StagError):
+    """A checkpoint directory that cannot be used."""

@@ -1,0 +1,154 @@
+"""`stagcompile export`: checkpoint -> bundle (graphs, manifest, golden trace, runtime).
+
+    bundle/manifest.json           config, I/O table per stack, caches, schedule, versions, checksums
+    bundle/graphs/<flavour>/stackK.onnx (+ .onnx.data)     one graph per stack and flavour
+    bundle/validation/trace.npz    golden trace of the fp32 reference (see stagcompile.golden)
+    bundle/runtime/                the generated runtime (see stagcompile.codegen)
+    bundle/tokenizer.json          when the checkpoint has one
+
+The bundle is assembled in a temporary folder and renamed at the end (stagcompile.atomic).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from stagcompile import __version__
+from stagcompile.atomic import atomic_dir
+from stagcompile.errors import StagError
+from stagcompile.progress import progress
+from stagcompile.runtime.bundle import FORMAT, MANIFEST, MANIFEST_VERSION, sha256
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FLAVOUR_CHOICES = {"portable": ("portable",), "plugin": ("plugin",), "both": ("portable", "plugin")}
+
+
+def check_options(flavour: str, dtype: str, max_batch: int, max_seq_len: int | None) -> None:
+    if flavour not in FLAVOUR_CHOICES:
+        raise StagError(f"--flavour {flavour}: expected one of {', '.join(FLAVOUR_CHOICES)}")
+    if dtype not in DTYPES:
+        raise StagError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if max_batch < 1:
+        raise StagError(f"--max-batch {max_batch}: must be >= 1")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise StagError(f"--max-seq-len {max_seq_len}: must be >= 2")
+
+
+def _versions() -> dict:
+    import onnx
+    import torch
+    out = {"stagcompile": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+           "python": platform.python_version()}
+    try:
+        import onnxruntime
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _shared_weights(model) -> dict:
+    per_stack = model.stack_parameter_names()
+    counts: dict[str, int] = {}
+    for names in per_stack.values():
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+    shared = sorted(n for n, c in counts.items() if c > 1)
+    return {"shared_weights": model.cfg.shared_weights,
+            "note": ("every stack reuses stack 1's self-attention, MLP and norm weights (each "
+                     "stack graph holds its own copy); cross-attention, null slot and memory "
+                     "norm are per stack") if model.cfg.shared_weights else
+                    "tensors listed under shared appear in more than one stack graph",
+            "per_stack": {str(k + 1): v for k, v in per_stack.items()},
+            "shared": shared}
+
+
+def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "both", dtype: str = "fp32",
+                  max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
+                  show_progress: bool = True, golden_batch: int = 2) -> Path:
+    check_options(flavour, dtype, max_batch, max_seq_len)
+    import torch
+
+    from graphs.io import stack_io
+    from stagcompile import checkpoint, golden
+    from stagcompile.codegen import write_runtime
+    from stagcompile.onnx_export import OPSET, check, portable, save, trace_stack
+
+    model = checkpoint.load(checkpoint_dir, dtype=torch.float32)
+    if max_seq_len is not None:
+        model.cfg = model.cfg.replace(max_seq_len=max_seq_len)
+    cfg, flavours, dt = model.cfg, FLAVOUR_CHOICES[flavour], DTYPES[dtype]
+    export_model = model if dt == "float32" else copy.deepcopy(model).to(getattr(torch, dt))
+    output = Path(output)
+    files: list[Path] = []
+    graphs: dict[str, list] = {f: [] for f in flavours}
+    with atomic_dir(output, force, "bundle") as tmp, progress(show_progress) as bar:
+        task = bar.add_task("export", total=cfg.num_stacks * len(flavours) + 2)
+        ios = []
+        for k in range(cfg.num_stacks):
+            io = stack_io(cfg, k, dt)
+            ios.append(io)
+            bar.update(task, description=f"trace stack {k + 1}/{cfg.num_stacks} (torch.onnx)")
+            proto = trace_stack(export_model, k, dt, max_batch)
+            for fl in flavours:
+                bar.update(task, description=f"write + check stack {k + 1} ({fl})")
+                path = tmp / "graphs" / fl / f"stack{k + 1}.onnx"
+                written = save(portable(proto) if fl == "portable" else proto, path)
+                check(path, io)
+                files += written
+                graphs[fl].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
+                                   "bytes": sum(f.stat().st_size for f in written)})
+                bar.advance(task)
+        bar.update(task, description="golden trace (PyTorch reference)")
+        prompt_len = max(2, min(8, cfg.max_seq_len // 4))
+        steps = golden.default_steps(cfg)
+        if not cfg.unbounded_length:
+            steps = min(steps, cfg.max_seq_len - prompt_len)
+        prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (golden_batch, prompt_len))
+        records, tokens = golden.record(model, prompt.astype(np.int64), steps)
+        (tmp / "validation").mkdir()
+        golden.save(tmp / "validation" / "trace.npz", records, prompt, tokens)
+        files.append(tmp / "validation" / "trace.npz")
+        bar.advance(task)
+        bar.update(task, description="runtime")
+        tok = checkpoint.tokenizer_path(checkpoint_dir)
+        if tok is not None:
+            shutil.copyfile(tok, tmp / "tokenizer.json")
+            files.append(tmp / "tokenizer.json")
+        files += write_runtime(tmp)
+        manifest = {
+            "format": FORMAT, "manifest_version": MANIFEST_VERSION,
+            "config": cfg.to_dict(), "dtype": dt, "max_batch": max_batch,
+            "opset": OPSET,
+            "graphs": graphs,
+            "io": [io.to_dict() for io in ios],
+            "caches": {"self": {"capacity": cfg.self_capacity(), "window": cfg.self_window},
+                       "cross": {"capacity": cfg.cross_capacity(), "window": cfg.cross_window},
+                       "layout": "[batch, kv_heads, capacity, head_dim]; position p in slot p mod capacity",
+                       "unbounded_length": cfg.unbounded_length},
+            "schedule": {"prefill": "stacks in order on the prompt",
+                         "decode": "staggered: all stacks of a step at once",
+                         "edges": [{"producer": k, "consumer": k + 1,
+                                    "outputs": "cross_out.*, cross_null.*", "inputs": "cross_in.*"}
+                                   for k in range(1, cfg.num_stacks)]},
+            "attention": {"op": "stagformer::BoundedWindowAttention",
+                          "self_window": cfg.self_window or 0,
+                          "cross_window": cfg.cross_window or 0, "scale": cfg.head_dim ** -0.5},
+            "weights": _shared_weights(model),
+            "validation": {"trace": "validation/trace.npz", "batch": golden_batch,
+                           "prompt_len": prompt_len, "steps": steps},
+            "tokenizer": "tokenizer.json" if tok is not None else None,
+            "engines": None,
+            "versions": _versions(),
+            "files": {str(f.relative_to(tmp)): sha256(f) for f in files},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        bar.update(task, description="done")
+        bar.advance(task)
+    return output

@@ -1,0 +1,113 @@
+"""ONNX Runtime backend: one InferenceSession per stack, IOBinding over preallocated buffers.
+
+CPU (default): every buffer is host memory from `HostState`; each stack gets two IOBindings (one
+per step parity) bound once per session, so a decode step only writes the token and position in
+place and calls `run_with_iobinding`: no allocation, no rebinding. ONNX Runtime releases the GIL
+while it runs, so the staggered schedule's worker threads really overlap.
+
+Threading: `threads` intra-op threads per session (1 by default for the staggered schedule), one
+inter-op thread, sequential execution, and `allow_spinning` off by default: an idle pool that spins
+steals the core another stack's session needs (measured numbers in the README).
+
+CUDA (onnxruntime-gpu): `providers=cuda` puts each session on the CUDA execution provider with its
+own stream (`user_compute_stream`); buffers then live on the device (see `device.py`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .host_state import HostState
+
+
+def session_options(threads: int, spinning: bool):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OrtBackend:
+    name = "ort"
+    concurrency = "threads"
+
+    def __init__(self, bundle: Bundle, threads: int | list[int] = 1, spinning: bool = False,
+                 flavour: str = "portable"):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BundleError("the ort backend needs onnxruntime: pip install onnxruntime") \
+                from None
+        if bundle.dtype == "bfloat16":
+            raise BundleError(f"{bundle.root}: bfloat16 graphs do not run on ONNX Runtime's CPU "
+                              "provider; use the trt backend, or export with --dtype fp32/fp16")
+        self.bundle = bundle
+        self.ios = [bundle.io(k + 1) for k in range(bundle.num_stacks)]
+        per_stack = threads if isinstance(threads, list) else [threads] * bundle.num_stacks
+        if len(per_stack) != bundle.num_stacks or min(per_stack) < 1:
+            raise BundleError(f"threads {per_stack}: give one count >= 1 per stack "
+                              f"({bundle.num_stacks} stacks)")
+        self.threads = per_stack
+        self.sessions = []
+        for k in range(bundle.num_stacks):
+            path = bundle.graph(flavour, k + 1)
+            so = session_options(per_stack[k], spinning)
+            if flavour == "plugin":
+                from plugins.ort_kernel import session_options as with_kernel
+                so = with_kernel(so)
+            try:
+                self.sessions.append(ort.InferenceSession(str(path), so,
+                                                          providers=["CPUExecutionProvider"]))
+            except Exception as exc:    # onnxruntime raises its own exception types
+                raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
+        self.state: HostState | None = None
+        self.bindings: list[list] = []
+
+    def open(self, batch: int) -> None:
+        """Allocate and bind every decode buffer for `batch` rows (once per batch size)."""
+        if self.state is not None and self.state.batch == batch:
+            self.state.rings.reset()
+            return
+        self.state = HostState(self.ios, batch)
+        self.bindings = []
+        for k, sess in enumerate(self.sessions):
+            per_parity = []
+            for parity in (0, 1):
+                io = sess.io_binding()
+                for name, arr in self.state.feeds(k, parity).items():
+                    io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+                for name, arr in self.state.fetches(k, parity).items():
+                    io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+                per_parity.append(io)
+            self.bindings.append(per_parity)
+
+    def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        st = self.state
+        produced = None
+        for k, sess in enumerate(self.sessions):
+            feeds = st.prefill_feeds(k, ids, pos, produced)
+            names = [t["name"] for t in self.ios[k]["outputs"]]
+            produced = dict(zip(names, sess.run(names, feeds)))
+            st.prefill_commit(k, feeds, produced, pos)
+        return produced["logits"][:, -1]
+
+    def set_step(self, tokens: np.ndarray, pos: int) -> None:
+        self.state.set_step(tokens, pos)
+
+    def launch(self, k: int, parity: int) -> None:
+        """Run stack k's decode step on the bound buffers, then commit its entries."""
+        self.sessions[k].run_with_iobinding(self.bindings[k][parity])
+        self.state.commit(k, parity)
+
+    def finish(self) -> np.ndarray:
+        return self.state.logits
+
+    def close(self) -> None:
+        self.bindings, self.state = [], None

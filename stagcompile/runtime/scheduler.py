@@ -1,0 +1,135 @@
+"""The backend-agnostic scheduler: prefill, then decode steps under a schedule.
+
+    staggered   every stack of a step at once. Backends with concurrency "threads" (ONNX Runtime)
+                run stack k on persistent worker thread k (the caller's thread takes the last
+                stack) and meet at a barrier made of two plain locks per worker: one futex wake
+                to start, one to finish, no thread start per step. Backends with concurrency
+                "streams" (TensorRT) enqueue every stack on its own CUDA stream and the
+                cross-stack order is carried by CUDA events.
+    sequential  the same graphs, one after another (comparison and debugging; same tokens).
+
+A step is: write token and position in place -> run stacks (each commits its own entries) ->
+read logits. The commit, the barrier and the sampling are the only serial parts.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+SCHEDULES = ("staggered", "sequential")
+
+
+class CapacityError(Exception):
+    """The cache of a model with unbounded attention is full."""
+
+
+class StackPool:
+    """Worker threads 0 .. n-2 each run `fn(k, parity)`; the caller runs stack n-1."""
+
+    def __init__(self, fn, n: int):
+        self.fn, self.n = fn, n
+        self.parity = 0
+        self.errors: list[BaseException] = []
+        self.alive = True
+        self.go = [threading.Lock() for _ in range(n - 1)]
+        self.done = [threading.Lock() for _ in range(n - 1)]
+        for lock in self.go + self.done:
+            lock.acquire()
+        self.threads = [threading.Thread(target=self._work, args=(k,), daemon=True,
+                                         name=f"stack{k + 1}") for k in range(n - 1)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self, k: int) -> None:
+        go, done = self.go[k], self.done[k]
+        while True:
+            go.acquire()
+            if not self.alive:
+                done.release()
+                return
+            try:
+                self.fn(k, self.parity)
+            except BaseException as exc:     # re-raised on the caller's thread
+                self.errors.append(exc)
+            done.release()
+
+    def run(self, parity: int) -> None:
+        self.parity = parity
+        for go in self.go:
+            go.release()
+        try:
+            self.fn(self.n - 1, parity)
+        finally:
+            for done in self.done:
+                done.acquire()
+        if self.errors:
+            err, self.errors = self.errors[0], []
+            raise err
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            for go in self.go:
+                go.release()
+            for done in self.done:
+                done.acquire()
+
+
+class Scheduler:
+    """Runs a backend's stacks over one generation session."""
+
+    def __init__(self, backend, schedule: str = "staggered", max_seq_len: int = 0,
+                 unbounded_length: bool = True, max_batch: int = 0):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        self.backend, self.schedule = backend, schedule
+        self.max_seq_len, self.unbounded_length = max_seq_len, unbounded_length
+        self.max_batch = max_batch
+        self.num_stacks = len(backend.ios)
+        self.pool = None
+        if schedule == "staggered" and backend.concurrency == "threads" and self.num_stacks > 1:
+            self.pool = StackPool(backend.launch, self.num_stacks)
+        self.pos = 0
+
+    def room(self, n: int = 1) -> bool:
+        return self.unbounded_length or self.pos + n <= self.max_seq_len
+
+    def start(self, batch: int) -> None:
+        if self.max_batch and batch > self.max_batch:
+            raise ValueError(f"batch {batch} exceeds max_batch={self.max_batch} of this bundle "
+                             "(export with a larger --max-batch)")
+        self.backend.open(batch)
+        self.pos = 0
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Prompt [B, T] int64 -> logits of its last position [B, V]."""
+        if not self.room(ids.shape[1]):
+            raise CapacityError(
+                f"prompt of {ids.shape[1]} tokens does not fit the cache: this model has "
+                f"unbounded attention and max_seq_len={self.max_seq_len}")
+        logits = self.backend.prefill(np.ascontiguousarray(ids, dtype=np.int64), self.pos)
+        self.pos += ids.shape[1]
+        return logits
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokens [B] at position self.pos -> logits [B, V]."""
+        if not self.room():
+            raise CapacityError(f"the cache is full at {self.pos} tokens (max_seq_len="
+                                f"{self.max_seq_len}, unbounded attention)")
+        parity = self.pos % 2
+        self.backend.set_step(tokens, self.pos)
+        if self.pool is not None:
+            self.pool.run(parity)
+        else:
+            for k in range(self.num_stacks):
+                self.backend.launch(k, parity)
+        self.pos += 1
+        return self.backend.finish()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self.backend.close()
