@@ -76,6 +76,77 @@ def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (or a
         print_inspect(rep)
 
 
+class Flavour(str, Enum):
+    portable = "portable"
+    plugin = "plugin"
+    both = "both"
+
+
+@app.command()
+@stage
+def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config.json, "
+                                             "model.safetensors[, tokenizer.json])."),
+           output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
+           flavour: Flavour = typer.Option(Flavour.both, help="portable: standard ONNX ops only; "
+                                           "plugin: one stagformer attention node per call."),
+           dtype: Dtype = typer.Option(Dtype.fp32, help="Weight, activation and cache dtype "
+                                       "(softmax, norms and logits stay fp32)."),
+           max_seq_len: Optional[int] = typer.Option(None, help="Cache capacity for unbounded "
+                                                     "attention (default: the config's)."),
+           max_batch: int = typer.Option(8, help="Largest batch the bundle serves."),
+           force: bool = typer.Option(False, help="Replace an existing bundle.")):
+    """Export one ONNX graph per stack, the manifest, a golden trace and the runtime."""
+    from stagcompile.export import export_bundle
+    out = export_bundle(checkpoint, output, flavour.value, dtype.value, max_seq_len, max_batch,
+                        force)
+    console.print(f"wrote bundle {out}")
+
+
+class Backend(str, Enum):
+    ort = "ort"
+    trt = "trt"
+
+
+class Schedule(str, Enum):
+    staggered = "staggered"
+    sequential = "sequential"
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@stage
+def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
+        prompt: List[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeat for a "
+                                         "batch; prompts must tokenize to the same length)."),
+        ids: List[str] = typer.Option([], "--ids", help="Comma-separated token ids instead of "
+                                      "text (repeat for a batch)."),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
+        backend: Backend = typer.Option(Backend.ort, help="ort (ONNX Runtime) or trt (TensorRT "
+                                        "engines from `stagcompile build`)."),
+        schedule: Schedule = typer.Option(Schedule.staggered, help="staggered: all stacks of a "
+                                          "step at once; sequential: one after another."),
+        threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads per "
+                                              "stack (default: 1 staggered, all cores sequential)."),
+        temperature: float = typer.Option(0.0, help="0 = greedy."),
+        top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
+        top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+        seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+        eos_id: Optional[int] = typer.Option(None, help="Stop token id.")):
+    """Generate with a bundle's runtime: streams text, then prints the latency summary."""
+    from stagcompile.runtime.cli import main as runtime_main
+    argv = ["--bundle", str(bundle), "--max-new-tokens", str(max_new_tokens),
+            "--backend", backend.value, "--schedule", schedule.value,
+            "--temperature", str(temperature), "--top-k", str(top_k), "--top-p", str(top_p)]
+    for flag, values in (("--prompt", prompt), ("--ids", ids)):
+        for v in values:
+            argv += [flag, v]
+    for flag, value in (("--threads", threads), ("--seed", seed), ("--eos-id", eos_id)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if not prompt and not ids:
+        raise typer.BadParameter("give --prompt or --ids")
+    raise typer.Exit(runtime_main(argv))
+
+
 def main() -> None:
     app()
 

@@ -12,18 +12,26 @@ The kernel ABI TensorRT launches is: 6 input pointers, 5 int32 scalars (B, Hq, H
 (`global_scratch`, and since 3.5 `profile_scratch`) that TensorRT does not know about. They are
 only safe when the kernel needs no scratch, which `compile_ptx` asserts; it also checks that the
 PTX never reads them and drops them from the `.entry` declaration, so the PTX declares exactly
-the 12 parameters TensorRT passes (`AotKernel.hidden_params` records what was dropped).
+the 12 parameters the plugin supplies (`AotKernel.hidden_params` records what was dropped):
+a launch with fewer kernel arguments than the entry declares would read past TensorRT's
+argument array, one with more is harmless.
 
-PTX version. By default Triton stamps the newest PTX ISA its bundled ptxas knows (9.x for sm_90
-with triton 3.9), which a deployed driver older than that CUDA release cannot JIT
-(CUDA_ERROR_UNSUPPORTED_PTX_VERSION). `compile_ptx` pins the oldest ISA that supports the
-target instead (`default_ptx_version`); pass `ptx_version` to override.
+PTX version. By default Triton stamps the newest PTX ISA its bundled ptxas knows (8.8 for sm_87
+and 9.4 for sm_90 with triton 3.9), which a driver older than that CUDA release cannot JIT
+(CUDA_ERROR_UNSUPPORTED_PTX_VERSION). `compile_ptx` pins the oldest ISA that knows the target
+instead (`MIN_PTX_VERSION`: 7.4 for sm_87, 8.0 for sm_90); pass `ptx_version` to override.
+
+Shared memory is kept under 48 KiB (`MAX_STATIC_SHARED`): a launch needs an explicit opt-in
+(cudaFuncSetAttribute) for more, and TensorRT's documentation does not say that it opts in.
 """
 
 import dataclasses
 import functools
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from plugins import spec
@@ -36,12 +44,11 @@ TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TRITON_POS_DTYPES = {"int64": "*i64", "int32": "*i32"}
 BUNDLE_TARGETS = (87, 90)                   # Jetson Orin, Hopper (H100/H200)
-MAX_STATIC_SHARED = 48 * 1024               # more needs cudaFuncSetAttribute, which TRT does not do
+MAX_STATIC_SHARED = 48 * 1024               # per block without an opt-in (see module doc)
 
-# Oldest PTX ISA that knows each target (PTX ISA release notes); 7.8 (CUDA 11.8) is the floor,
-# the oldest CUDA that TensorRT 10 supports.
-_MIN_PTX_FOR_TARGET = {87: 74, 89: 78, 90: 80, 100: 86, 101: 86, 120: 87}
-_PTX_FLOOR = 78
+# Oldest PTX ISA (x10) that knows each target, as Triton compiles it (sm_90 -> sm_90a, which
+# needs 8.0): CUDA 11.0 / 11.1 / 11.4 / 11.8 / 12.0 / 12.8. Each assembles with ptxas here.
+MIN_PTX_VERSION = {80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 120: 87}
 
 
 class AotError(RuntimeError):
@@ -59,10 +66,9 @@ class AotKernel:
     hidden_params: int          # unused Triton scratch params dropped from the PTX
 
 
-def default_ptx_version(cc: int) -> int:
-    """PTX ISA version (e.g. 80 = 8.0) pinned for target sm_<cc>."""
-    known = [c for c in _MIN_PTX_FOR_TARGET if c <= cc]
-    return max(_PTX_FLOOR, _MIN_PTX_FOR_TARGET[max(known)] if known else _PTX_FLOOR)
+def default_ptx_version(cc: int) -> int | None:
+    """PTX ISA version pinned for sm_<cc> (e.g. 80 = 8.0); None: Triton's default."""
+    return MIN_PTX_VERSION.get(cc)
 
 
 def kernel_signature(dtype: str, head_dim: int, pos_dtype: str = "int64"
@@ -104,25 +110,38 @@ def _drop_hidden_params(ptx: str, name: str) -> tuple[str, int]:
 @functools.lru_cache(maxsize=None)
 def compile_ptx(dtype: str, head_dim: int, window: int, scale: float, cc: int,
                 pos_dtype: str = "int64", ptx_version: int | None = None) -> AotKernel:
-    """Compile the kernel for sm_<cc> with window and scale baked in as constants."""
+    """Compile the kernel for sm_<cc> with window and scale baked in as constants.
+
+    A process whose triton was imported in interpreter mode cannot compile natively (Triton's
+    own `tl` helpers are interpreted functions there), so it compiles in a child process."""
+    from plugins.triton_kernel import interpreter_mode
+
+    spec.check_dtypes(dtype, dtype, dtype, dtype, dtype, pos_dtype)
+    spec.check_attrs(window, scale)
+    spec.check_head_dim(head_dim)
+    ptx_version = ptx_version or default_ptx_version(cc)
+    if ptx_version and ptx_version < MIN_PTX_VERSION.get(cc, 0):
+        raise AotError(f"PTX ISA {ptx_version / 10:.1f} cannot target sm_{cc}; it needs "
+                       f"{MIN_PTX_VERSION[cc] / 10:.1f} or newer")   # LLVM would abort the process
+    args = (dtype, head_dim, window, float(scale), cc, pos_dtype, ptx_version)
+    return _compile_in_child(*args) if interpreter_mode() else _compile_here(*args)
+
+
+def _compile_here(dtype, head_dim, window, scale, cc, pos_dtype, ptx_version) -> AotKernel:
     import triton
     from triton.backends.compiler import GPUTarget
 
     from plugins.triton_kernel import jit_kernel
 
-    spec.check_dtypes(dtype, dtype, dtype, dtype, dtype, pos_dtype)
-    spec.check_attrs(window, scale)
     signature, constexprs, attrs = kernel_signature(dtype, head_dim, pos_dtype)
-    constexprs.update(WINDOW=window, SCALE=float(scale))
+    constexprs.update(WINDOW=window, SCALE=scale)
     signature.update({name: "constexpr" for name in constexprs})
     cfg = spec.kernel_config(dtype, head_dim)
     src = triton.compiler.ASTSource(fn=jit_kernel(), signature=signature, constexprs=constexprs,
                                     attrs=attrs)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-               "enable_fp_fusion": True, "ptx_version": ptx_version or default_ptx_version(cc)}
-    with triton.knobs.runtime.scope():     # compiling reads TRITON_INTERPRET; it must be off
-        triton.knobs.runtime.interpret = False
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+               "enable_fp_fusion": True, "ptx_version": ptx_version}
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     md = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(md, field, 0):
@@ -134,6 +153,26 @@ def compile_ptx(dtype: str, head_dim: int, window: int, scale: float, cc: int,
                        f"the {MAX_STATIC_SHARED} a launch gets without opting in")
     ptx, hidden = _drop_hidden_params(compiled.asm["ptx"], md.name)
     return AotKernel(md.name, ptx, cc, md.num_warps, md.shared, cfg, hidden)
+
+
+_CHILD = """
+import dataclasses, json, sys
+from plugins import aot
+print(json.dumps(dataclasses.asdict(aot._compile_here(*json.loads(sys.argv[1])))))
+"""
+
+
+def _compile_in_child(*args) -> AotKernel:
+    """`_compile_here` in a fresh Python without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], env=env,
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise AotError(f"PTX compilation of {args} failed in the child process:\n{run.stderr}")
+    fields = json.loads(run.stdout.strip().splitlines()[-1])
+    return AotKernel(**{**fields, "config": spec.KernelConfig(**fields["config"])})
 
 
 def write_ptx_bundle(folder, dtypes=tuple(TRITON_DTYPES), head_dim: int = 64, window: int = 0,

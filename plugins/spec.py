@@ -145,7 +145,7 @@ def check_head_dim(head_dim: int) -> None:
 def kernel_config(dtype: str, head_dim: int) -> KernelConfig:
     """Tiles chosen with ptxas -v (sm_87, sm_90, triton 3.9): no register spills, and at most
     ~43 KiB of shared memory (K/V pipeline buffers), under the 48 KiB a launch gets without
-    opting in to more, which the TensorRT AOT launch cannot do."""
+    opting in to more (TensorRT does not document that its AOT plugin launch opts in)."""
     if dtype not in FLOAT_DTYPES:
         raise AttentionSpecError(f"BoundedWindowAttention: dtype {dtype} not supported; expected "
                                  f"one of {', '.join(FLOAT_DTYPES)}")
@@ -160,7 +160,8 @@ def kernel_config(dtype: str, head_dim: int) -> KernelConfig:
 
 def row_align(head_dim: int, itemsize: int, *addresses: int) -> int:
     """Bytes (1..16, a power of two) that every key/value row address is a multiple of: the
-    row size D * itemsize and the buffers' base addresses (TensorRT's are 256-byte aligned)."""
+    row size D * itemsize and the buffers' base addresses (TensorRT requires 256-byte aligned
+    I/O addresses, NvInferRuntime.h setTensorAddress)."""
     return math.gcd(16, head_dim * itemsize, *addresses)
 
 
@@ -177,8 +178,8 @@ def size_args(q_shape, k_new_shape, k_cache_shape) -> tuple:
 def launch_grid_of(batch, q_heads, kv_heads, seq, block_m: int = BLOCK_M) -> tuple:
     """(row blocks, batch * kv heads, 1): one program per BLOCK_M rows of one kv head.
 
-    Works on ints and on TensorRT shape expressions: it only uses `*`, `+ int` and `// int`
-    with the expression on the left, which `trtp.ShapeExpr` supports (it has no reflected ops)."""
+    Works on ints and on TensorRT shape expressions: it only uses `*`, `//` and `+ int` with
+    the expression on the left, which `trtp.ShapeExpr` supports (it has no reflected ops)."""
     rows = q_heads // kv_heads * seq                                  # G * S rows per kv head
     return ((rows + (block_m - 1)) // block_m, batch * kv_heads, 1)
 

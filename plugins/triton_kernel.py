@@ -1,9 +1,11 @@
 """BoundedWindowAttention as a Triton kernel (decode S = 1 and prefill S > 1), plus its launcher.
 
 The operation is specified in `plugins` and defined by `plugins.reference`; this is the O(window)
-GPU implementation. It runs natively on CUDA tensors and on CPU tensors under the Triton
-interpreter (`TRITON_INTERPRET=1` in the environment when the launcher is first called).
-`plugins.aot` compiles the same kernel ahead of time to PTX for the TensorRT plugin.
+GPU implementation. It runs natively on CUDA tensors, or on CPU tensors under the Triton
+interpreter: Triton reads TRITON_INTERPRET=1 when it is imported (its own `tl` helpers become
+interpreted functions), and `interpreter_mode()` reports which mode this process is in.
+`plugins.aot` compiles the same kernel ahead of time to PTX for the TensorRT plugin; this module
+imports torch only inside the launcher, so AOT compilation needs just triton.
 
 Design (geometry in `plugins.spec`):
 
@@ -36,12 +38,10 @@ inside one (batch row, kv head) block are int32.
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
 from plugins import spec
-from plugins.reference import check_inputs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -145,14 +145,19 @@ def _interpreted_kernel():
     return InterpretedFunction(bounded_window_attention_kernel)
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+def interpreter_mode() -> bool:
+    """True when triton was imported with TRITON_INTERPRET=1 (set before the import)."""
+    return not isinstance(tl.standard.max, triton.runtime.JITFunction)
 
 
 def bounded_window_attention_triton(q, k_new, v_new, k_cache, v_cache, pos, window: int = 0,
                                     scale: float | None = None, out=None):
     """See `plugins` for the specification. Returns [B, Hq, S, D] in q's dtype (written to `out`
-    when given). CUDA tensors run natively; CPU tensors need TRITON_INTERPRET=1."""
+    when given). CUDA tensors run natively; CPU tensors need the interpreter (see module doc)."""
+    import torch
+
+    from plugins.reference import check_inputs
+
     if scale is None:
         scale = q.shape[-1] ** -0.5
     dims = check_inputs(q, k_new, v_new, k_cache, v_cache, pos, window, scale)
@@ -162,10 +167,11 @@ def bounded_window_attention_triton(q, k_new, v_new, k_cache, v_cache, pos, wind
         raise spec.AttentionSpecError(f"BoundedWindowAttention: inputs on several devices "
                                       f"{sorted(map(str, devices))}; expected one")
     device = devices.pop()
-    interpret = _interpreting()
+    interpret = interpreter_mode()
     if device.type != "cuda" and not interpret:
         raise RuntimeError(f"bounded_window_attention_triton: inputs are on {device}; the Triton "
-                           "kernel needs CUDA tensors, or TRITON_INTERPRET=1 to run on CPU")
+                           "kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                           "imported to run on CPU")
     if device.type == "cpu" and pos.numel():
         spec.check_capacity(dims.capacity, window, int(pos.max()))
     if out is None:

@@ -42,19 +42,10 @@ DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64
 _state = {"registered": False, "cc": None}
 
 
-def parse_version(version: str) -> tuple[int, ...]:
-    """'10.9.0.34' -> (10, 9, 0, 34); non-numeric tails ('10.13.0.post1') are dropped."""
-    parts = []
-    for piece in version.split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
 def version_supported(version: str) -> tuple[bool, str]:
-    if parse_version(version)[:2] < MIN_AOT_VERSION:
+    from packaging.version import Version  # a dependency of onnxruntime
+
+    if Version(version).release[:2] < MIN_AOT_VERSION:
         need = ".".join(map(str, MIN_AOT_VERSION))
         return False, (f"TensorRT {version} is too old: AOT QDP plugins (tensorrt.plugin.aot_impl) "
                        f"need TensorRT {need} or newer")
@@ -99,7 +90,7 @@ def autotune_io_types() -> str:
 
 def check_ranks(ranks) -> None:
     """Ranks of the six inputs, in spec order (what register can check on symbolic shapes)."""
-    for name, rank in zip(spec.INPUT_NAMES, ranks):
+    for name, rank in zip(spec.INPUT_NAMES, ranks, strict=True):
         want = 1 if name == "pos" else 4
         if rank != want:
             raise spec.AttentionSpecError(f"BoundedWindowAttention input {name}: expected rank "

@@ -172,18 +172,18 @@ class StagConfig:
 _FIELD_TYPES = {
     "vocab_size": int, "d_model": int, "n_heads": int, "n_kv_heads": int, "d_ff": int,
     "num_stacks": int, "layers_per_stack": int, "shared_weights": bool,
-    "cross_window": Optional[int], "self_window": Optional[int], "max_seq_len": int,
+    "cross_window": "optional int", "self_window": "optional int", "max_seq_len": int,
     "rope_theta": float, "norm_eps": float,
 }
 
 
 def _type_name(kind: Any) -> str:
     return {int: "an integer", bool: "true or false", float: "a number",
-            Optional[int]: "null or an integer"}[kind]
+            "optional int": "null or an integer"}[kind]
 
 
 def _check_type(name: str, value: Any, kind: Any) -> Any:
-    if kind is Optional[int]:
+    if kind == "optional int":
         if value is None:
             return None
         kind = int
@@ -201,7 +201,7 @@ def _parse_value(name: str, raw: str) -> Any:
     kind = _FIELD_TYPES[name]
     low = raw.lower()
     try:
-        if kind is Optional[int]:
+        if kind == "optional int":
             return None if low in ("none", "null", "") else int(raw)
         if kind is bool:
             if low in ("true", "1", "yes"):

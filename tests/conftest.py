@@ -46,6 +46,36 @@ def make_model(cfg, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(params=VARIANTS, ids=variant_id)
+def grouped(configs):
+    """pytest params that keep every test of one variant on one xdist worker (bundles are
+    exported once per worker and variant)."""
+    return [pytest.param(c, id=variant_id(c), marks=pytest.mark.xdist_group(variant_id(c)))
+            for c in configs]
+
+
+@pytest.fixture(params=grouped(VARIANTS))
 def variant(request):
     return request.param
+
+
+_BUNDLES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("bundles")
+
+
+def bundle_for(root, cfg, dtype: str = "fp32", flavour: str = "both", seed: int = 0):
+    """Export (once per process) a bundle of a seeded tiny model; returns (bundle path, model)."""
+    from stagcompile import checkpoint
+    from stagcompile.export import export_bundle
+    key = (variant_id(cfg), dtype, flavour, seed)
+    if key not in _BUNDLES:
+        name = "-".join(map(str, key))
+        model = make_model(cfg, seed)
+        checkpoint.save(model, root / name / "ck")
+        export_bundle(root / name / "ck", root / name / "bundle", flavour, dtype,
+                      show_progress=False)
+        _BUNDLES[key] = (root / name / "bundle", model)
+    return _BUNDLES[key]

@@ -6,24 +6,34 @@ different summation order), fp16 2e-3, bf16 2e-2 (probabilities are rounded to t
 before p @ v in both implementations; block-wise rescaling rounds differently).
 """
 
+import os
+
 import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")      # read by triton when it is imported
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernel cannot be tested")
 
-from plugins import reference, spec  # noqa: E402
+from plugins import reference, spec, triton_kernel  # noqa: E402
 from plugins.triton_kernel import bounded_window_attention_triton  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def interpreter(request, monkeypatch):
-    """CPU tests run in the interpreter (read by triton at launch); gpu tests run natively."""
+def mode(request):
+    """CPU tests need triton in interpreter mode, gpu tests in native mode (one per process)."""
+    interpreting = triton_kernel.interpreter_mode()
     if request.node.get_closest_marker("gpu"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if interpreting:
+            pytest.skip("triton was imported with TRITON_INTERPRET=1; run the gpu tests with "
+                        "TRITON_INTERPRET=0")
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+    elif not interpreting:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1: CPU tests need the "
+                    "interpreter")
 
 
 def make_case(seed, batch, q_heads, kv_heads, seq, head_dim, window, dtype, device="cpu"):
@@ -139,7 +149,7 @@ def test_odd_head_dim_rejected():
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(triton_kernel, "interpreter_mode", lambda: False)
     case = make_case(5, 1, 2, 2, 1, 16, 4, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         bounded_window_attention_triton(*case, window=4)
@@ -149,7 +159,5 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("window,seq", [(0, 1), (64, 1), (64, 37), (1, 5)])
 def test_native_gpu(dtype, window, seq):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     case = make_case(1, 3, 8, 2, seq, 128, window, dtype, device="cuda")
     check(case, window)

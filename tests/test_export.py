@@ -1,0 +1,167 @@
+"""Export: every variant's graphs reproduce the reference's golden trace in ONNX Runtime (both
+flavours), graphs and manifest are well formed, fp16 stays close, bad input is refused cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import bundle_for, grouped, make_model, variant_id, VARIANTS
+from plugins.ort_kernel import session_options
+from stagcompile import checkpoint
+from stagcompile.config import preset
+from stagcompile.errors import StagError
+from stagcompile.export import export_bundle
+from stagcompile.replay import load_trace
+from stagcompile.runtime.bundle import Bundle
+
+
+def sessions(bundle: Bundle, flavour: str):
+    so = session_options() if flavour == "plugin" else ort.SessionOptions()
+    so.log_severity_level = 3
+    return [ort.InferenceSession(str(bundle.graph(flavour, k + 1)), so)
+            for k in range(bundle.num_stacks)]
+
+
+def worst_difference(bundle_dir, flavour: str, dtype: str | None = None) -> float:
+    bundle = Bundle.load(bundle_dir)
+    sess = sessions(bundle, flavour)
+    worst = 0.0
+    steps = 0
+    for st in load_trace(bundle_dir).steps(dtype):
+        names = list(st.golden)
+        got = sess[st.stack - 1].run(names, st.feeds)
+        for name, value in zip(names, got):
+            diff = np.abs(value.astype(np.float32) - st.golden[name]).max()
+            worst = max(worst, float(diff))
+        steps += 1
+    assert steps > bundle.num_stacks           # prefill plus decode steps
+    return worst
+
+
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+def test_graphs_match_reference_trace(bundle_root, variant, flavour):
+    path, _ = bundle_for(bundle_root, variant)
+    assert worst_difference(path, flavour) < 1e-4
+
+
+def test_trace_passes_every_window(bundle_root, variant):
+    path, _ = bundle_for(bundle_root, variant)
+    trace = load_trace(path)
+    decode = trace.num_steps - 1
+    for w in (variant.self_window, variant.cross_window):
+        if w:
+            assert decode >= 2 * w, "decode steps must wrap every ring at least twice"
+
+
+@pytest.mark.parametrize("cfg", grouped([VARIANTS[4]]))
+def test_manifest_and_graph_structure(bundle_root, cfg):
+    path, model = bundle_for(bundle_root, cfg)
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["opset"] == 18 and man["config"] == cfg.to_dict()
+    assert [io["stack"] for io in man["io"]] == list(range(1, cfg.num_stacks + 1))
+    names = [t["name"] for t in man["io"][1]["inputs"]]
+    assert names[:4] == ["input_ids", "pos", "self.k.0", "self.v.0"]
+    assert "cross_in.k.1" in names and "cross.v.0" in names
+    assert [t["name"] for t in man["io"][0]["outputs"]][-1] == "cross_null.v.1"
+    assert man["caches"]["cross"]["capacity"] == cfg.cross_window
+    for flavour in ("portable", "plugin"):
+        for k in range(cfg.num_stacks):
+            proto = onnx.load(str(path / man["graphs"][flavour][k]["file"]), load_external_data=False)
+            plugin_nodes = [n for n in proto.graph.node if n.domain == "stagformer"]
+            if flavour == "portable":
+                assert not plugin_nodes and all(o.domain in ("", "ai.onnx") for o in proto.opset_import)
+            else:
+                layers = cfg.layers_per_stack * (2 if k > 0 else 1)
+                assert len(plugin_nodes) == layers
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugin_nodes[0].attribute}
+                assert attrs["plugin_namespace"] == b"stagformer" and attrs["aot"] == 1
+                assert plugin_nodes[0].op_type == "BoundedWindowAttention"
+    bundle = Bundle.load(path)
+    assert len(bundle.manifest["files"]) > 2 * cfg.num_stacks
+
+
+def test_shared_weights_named_in_manifest(bundle_root):
+    cfg = preset("tiny").replace(num_stacks=3, shared_weights=True)
+    path, _ = bundle_for(bundle_root, cfg)
+    weights = json.loads((path / "manifest.json").read_text())["weights"]
+    assert weights["shared_weights"] is True
+    assert "trunks.0.layers.0.attn.wq.weight" in weights["shared"]
+    assert all("trunks.0.layers.1.mlp.w2.weight" in names for names in weights["per_stack"].values())
+
+
+def test_polygraphy_reads_graphs(bundle_root):
+    path, _ = bundle_for(bundle_root, VARIANTS[4])
+    for flavour in ("portable", "plugin"):
+        exe = str(Path(sys.executable).parent / "polygraphy")
+        proc = subprocess.run([exe, "inspect", "model",
+                               str(path / "graphs" / flavour / "stack2.onnx")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "input_ids" in proc.stdout and "logits" in proc.stdout
+
+
+def test_fp16_export_close_to_fp32_reference(bundle_root):
+    cfg = preset("tiny").replace(cross_window=4, self_window=8)
+    path, _ = bundle_for(bundle_root, cfg, dtype="fp16", flavour="portable")
+    assert json.loads((path / "manifest.json").read_text())["dtype"] == "float16"
+    worst = worst_difference(path, "portable", "float16")
+    assert worst < 5e-2, worst          # fp16 weights and caches; fp32 softmax, norms, logits
+
+
+def test_tensorrt_rtx_builds_portable_graphs(bundle_root):
+    trt = pytest.importorskip("tensorrt_rtx_bindings", reason="tensorrt-rtx-cu13-bindings is "
+                              "not installed (make test installs it)")
+    path, _ = bundle_for(bundle_root, VARIANTS[4])
+    bundle = Bundle.load(path)
+    logger = trt.Logger(trt.Logger.ERROR)
+    for k in range(bundle.num_stacks):
+        builder = trt.Builder(logger)
+        net = builder.create_network(0)
+        parser = trt.OnnxParser(net, logger)
+        assert parser.parse_from_file(str(bundle.graph("portable", k + 1))), \
+            [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        cfg = builder.create_builder_config()
+        for seq in ((1, 1, 1), (1, 4, 16)):
+            prof = builder.create_optimization_profile()
+            for i in range(net.num_inputs):
+                t = net.get_input(i)
+                dims = [[b if d == -1 and j == 0 else (s if d == -1 else d)
+                         for j, d in enumerate(t.shape)] for b, s in ((1, seq[0]), (2, seq[1]), (4, seq[2]))]
+                prof.set_shape(t.name, *dims)
+            cfg.add_optimization_profile(prof)
+        plan = builder.build_serialized_network(net, cfg)
+        assert plan is not None and plan.nbytes > 0
+
+
+def test_bad_inputs_leave_no_bundle(tmp_path):
+    cfg = preset("tiny")
+    ck = tmp_path / "ck"
+    checkpoint.save(make_model(cfg), ck)
+    with pytest.raises(StagError, match="--dtype fp8"):
+        export_bundle(ck, tmp_path / "b", dtype="fp8")
+    with pytest.raises(StagError, match="--flavour fast"):
+        export_bundle(ck, tmp_path / "b", flavour="fast")
+    with pytest.raises(StagError, match="--max-batch 0"):
+        export_bundle(ck, tmp_path / "b", max_batch=0)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(StagError, match="already exists; pass --force"):
+        export_bundle(ck, tmp_path / "exists")
+    bad = tmp_path / "bad"
+    checkpoint.save(make_model(cfg), bad)
+    (bad / "config.json").write_text(cfg.replace(d_model=64, n_heads=4).to_json())
+    with pytest.raises(StagError, match="does not match"):
+        export_bundle(bad, tmp_path / "b2")
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(StagError, match="cannot write the bundle folder here"):
+        export_bundle(ck, tmp_path / "afile" / "b")
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert sorted(leftovers) == ["afile", "bad", "ck", "exists"]
+
