@@ -29,9 +29,11 @@ def stage(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):
         from stagcompile.errors import StagError
+        from stagcompile.runtime.bundle import BundleError
+        from stagcompile.runtime.scheduler import CapacityError
         try:
             return fn(*args, **kwargs)
-        except StagError as exc:
+        except (StagError, BundleError, CapacityError) as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
@@ -105,6 +107,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (confi
 class Backend(str, Enum):
     ort = "ort"
     trt = "trt"
+    ort_cuda = "ort-cuda"
 
 
 class Schedule(str, Enum):
@@ -145,6 +148,97 @@ def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
     if not prompt and not ids:
         raise typer.BadParameter("give --prompt or --ids")
     raise typer.Exit(runtime_main(argv))
+
+
+@app.command()
+@stage
+def build(bundle: Path = typer.Argument(..., help="Bundle folder (from export or compile)."),
+          precision: str = typer.Option("graph", help="graph: the exported dtype (strongly typed); "
+                                        "fp16/bf16 from an fp32 graph only on TensorRT 10.x."),
+          workspace: int = typer.Option(4096, help="Builder workspace limit in MiB."),
+          timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, read and "
+                                                      "updated (reused across builds)."),
+          max_batch: Optional[int] = typer.Option(None, help="Largest batch of the profiles "
+                                                  "(default: the bundle's max_batch)."),
+          max_prefill: Optional[int] = typer.Option(None, help="Longest prefill chunk of the "
+                                                    "prefill profile (default: max_seq_len)."),
+          module: Optional[str] = typer.Option(None, help="Force the TensorRT module: tensorrt, "
+                                               "tensorrt_rtx or tensorrt_rtx_bindings.")):
+    """Build one TensorRT engine per stack (decode and prefill profiles) on this machine."""
+    from stagcompile.build import build_engines
+    res = build_engines(bundle, precision, workspace, timing_cache, max_batch, max_prefill, True,
+                        module)
+    console.print(f"built {len(res['files'])} engines ({res['flavour']} graphs: {res['reason']}); "
+                  f"{res.get('built_for', '')}")
+
+
+@app.command()
+@stage
+def validate(bundle: Path = typer.Argument(..., help="Bundle folder."),
+             atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default by "
+                                                  "dtype: fp32 1e-4, fp16 5e-2, bf16 1.5e-1)."),
+             rtol: Optional[float] = typer.Option(None, help="Relative tolerance (default by "
+                                                  "dtype: fp32 1e-4, fp16 1e-2, bf16 2e-2).")):
+    """Check every backend available here against the PyTorch reference's golden trace."""
+    from stagcompile.errors import StagError
+    from stagcompile.validate import print_report, validate_bundle
+    report = validate_bundle(bundle, atol, rtol)
+    print_report(report)
+    if not report.passed:
+        raise StagError(f"{bundle}: validation failed (details in validation/report.json)")
+
+
+@app.command("compile")
+@stage
+def compile_(checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+             output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
+             flavour: Flavour = typer.Option(Flavour.both, help="Graph flavours to export."),
+             dtype: Dtype = typer.Option(Dtype.fp32, help="Weight/cache dtype."),
+             max_seq_len: Optional[int] = typer.Option(None, help="Cache capacity for unbounded "
+                                                       "attention (default: the config's)."),
+             max_batch: int = typer.Option(8, help="Largest batch the bundle serves."),
+             build: bool = typer.Option(True, help="Build TensorRT engines where possible."),
+             force: bool = typer.Option(False, help="Replace an existing bundle.")):
+    """Export, build (where TensorRT and a GPU exist), validate, and summarise."""
+    from stagcompile.compile import compile_checkpoint
+    compile_checkpoint(checkpoint, output, flavour.value, dtype.value, max_seq_len, max_batch,
+                       force, build)
+
+
+@app.command()
+@stage
+def train(texts: List[Path] = typer.Argument(..., help="Training text files (.txt or .txt.xz)."),
+          output: Path = typer.Option(..., "--output", "-o", help="Checkpoint folder to write."),
+          preset: str = typer.Option("demo", help="Model preset (tiny, demo, small, base)."),
+          set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value."),
+          steps: int = typer.Option(1000, help="Optimizer steps."),
+          batch_size: int = typer.Option(16, help="Sequences per step."),
+          seq_len: int = typer.Option(128, help="Tokens per sequence (<= max_seq_len)."),
+          lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW)."),
+          warmup: int = typer.Option(50, help="Linear warm-up steps."),
+          eval_every: int = typer.Option(100, help="Evaluate every N steps."),
+          save_every: int = typer.Option(500, help="Write the checkpoint every N steps."),
+          seed: int = typer.Option(0, help="Seed of the initialisation and the data order."),
+          val: Optional[Path] = typer.Option(None, help="Validation text (default: the last 2% "
+                                             "of the training text)."),
+          vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default: "
+                                                   "the preset's, 4096)."),
+          tokenizer: Optional[Path] = typer.Option(None, help="Use this tokenizer.json instead "
+                                                   "of training one."),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+          resume: bool = typer.Option(False, help="Continue the checkpoint in --output.")):
+    """Train a StagFormer with the reference model (byte-level BPE tokenizer included)."""
+    from stagcompile.train import TrainOptions, train as run_training
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    opts = TrainOptions(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
+                        eval_every=eval_every, save_every=save_every, seed=seed)
+    log = run_training(texts, output, preset, set_, opts, resume, val, vocab_size, tokenizer)
+    if log:
+        last = log[-1]
+        console.print(f"step {last['step']}: val loss {last['val_loss']:.4f}, perplexity "
+                      f"{last['val_ppl']:.2f}, {last['val_bpb']:.4f} bits per byte -> {output}")
 
 
 def main() -> None:

@@ -81,18 +81,21 @@ def load(path: Path, dtype: torch.dtype | None = torch.float32) -> StagFormer:
 
 
 def save(model: StagFormer, path: Path, dtype: torch.dtype | None = None,
-         tokenizer: Path | None = None, extra_files: dict[str, str] | None = None,
+         tokenizer: Path | None = None, extra_files: dict[str, str | bytes] | None = None,
          force: bool = True) -> Path:
     """Write a checkpoint directory atomically; returns its path."""
     with atomic_dir(path, force, "checkpoint") as tmp:
         (tmp / CONFIG_FILE).write_text(model.cfg.to_json() + "\n")
-        state = {n: (t.to(dtype) if dtype is not None else t).detach().contiguous()
+        state = {n: (t.to(dtype) if dtype is not None else t).detach().cpu().contiguous()
                  for n, t in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "stagcompile"})
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return Path(path)
 
 

@@ -70,9 +70,9 @@ def bundle_for(root, cfg, dtype: str = "fp32", flavour: str = "both", seed: int 
     """Export (once per process) a bundle of a seeded tiny model; returns (bundle path, model)."""
     from stagcompile import checkpoint
     from stagcompile.export import export_bundle
-    key = (variant_id(cfg), dtype, flavour, seed)
+    key = (cfg.to_json(), dtype, flavour, seed)
     if key not in _BUNDLES:
-        name = "-".join(map(str, key))
+        name = f"{variant_id(cfg)}-L{cfg.max_seq_len}-{dtype}-{flavour}-{seed}"
         model = make_model(cfg, seed)
         checkpoint.save(model, root / name / "ck")
         export_bundle(root / name / "ck", root / name / "bundle", flavour, dtype,

@@ -19,7 +19,7 @@ from .bundle import Bundle, BundleError
 from .sampling import Sampler, Sampling
 from .scheduler import CapacityError, Scheduler
 
-BACKENDS = ("ort", "trt")
+BACKENDS = ("ort", "trt", "ort-cuda")
 
 
 @dataclass
@@ -48,6 +48,9 @@ def make_backend(bundle: Bundle, backend: str, schedule: str, threads=None, spin
         from .ort_backend import OrtBackend
         default = 1 if schedule == "staggered" else _cores()
         return OrtBackend(bundle, threads if threads is not None else default, spinning)
+    if backend == "ort-cuda":
+        from .ort_cuda import OrtCudaBackend
+        return OrtCudaBackend(bundle, threads if threads is not None else 1)
     if backend == "trt":
         from .trt_backend import TrtBackend
         return TrtBackend(bundle, sequential=schedule == "sequential")

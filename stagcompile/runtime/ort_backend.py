@@ -90,12 +90,14 @@ class OrtBackend:
 
     def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
         st = self.state
-        produced = None
+        produced, done = None, []
         for k, sess in enumerate(self.sessions):
             feeds = st.prefill_feeds(k, ids, pos, produced)
             names = [t["name"] for t in self.ios[k]["outputs"]]
             produced = dict(zip(names, sess.run(names, feeds)))
-            st.prefill_commit(k, feeds, produced, pos)
+            done.append((feeds, produced))
+        for k, (feeds, outputs) in enumerate(done):   # after every stack read pending[pos % 2]
+            st.prefill_commit(k, feeds, outputs, pos)
         return produced["logits"][:, -1]
 
     def set_step(self, tokens: np.ndarray, pos: int) -> None:

@@ -128,6 +128,14 @@ class Scheduler:
         self.pos += 1
         return self.backend.finish()
 
+    def seek(self, pos: int) -> None:
+        """Continue decoding at `pos` <= the current position, as if later tokens had not been
+        generated (their ring slots are rewritten). Exact for unbounded caches; with bounded
+        windows the ring then mixes old and new entries, which is fine for timing runs only."""
+        if not 0 < pos <= self.pos:
+            raise ValueError(f"seek({pos}): expected 0 < pos <= {self.pos}")
+        self.pos = pos
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()

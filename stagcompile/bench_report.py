@@ -1,0 +1,143 @@
+"""Ratios, targets, thread scaling, tables, JSON and plot for `stagcompile bench`.
+
+Per cell (batch, context, cross window), from the medians of the measured rows:
+
+    overlap          sequential 1 thread / staggered 1 thread per stack     (ideal: P)
+    stagger gain     best sequential / best staggered                        (same cores, each at its best)
+    vs baseline      best P = 1 baseline of the same depth / best staggered
+    vs torch         best PyTorch eager cached decode / best staggered
+    efficiency       slowest stack alone (1 thread) / staggered 1 thread per stack
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+TARGETS = {"overlap": 1.8, "stagger_gain": 1.15, "vs_baseline": 1.1, "vs_torch": 3.0,
+           "efficiency": 0.9}
+TARGET_NOTES = {
+    "overlap": "staggered 1 thread/stack over sequential 1 thread",
+    "stagger_gain": "staggered best split over best sequential",
+    "vs_baseline": "StagFormer staggered over best P = 1 baseline of the same depth",
+    "vs_torch": "stagcompile runtime over PyTorch eager cached decode",
+    "efficiency": "slowest stack alone over the staggered step",
+}
+
+
+def _best(rows, kind):
+    cand = [r for r in rows if r["kind"] == kind]
+    return min(cand, key=lambda r: r["median_ms"]) if cand else None
+
+
+def _one_thread(rows, kind):
+    cand = [r for r in rows if r["kind"] == kind and max(r["threads"]) == 1]
+    return cand[0] if cand else None
+
+
+def cell_ratios(rows: list[dict]) -> dict:
+    seq1, stag1 = _one_thread(rows, "sequential"), _one_thread(rows, "staggered")
+    seq, stag = _best(rows, "sequential"), _best(rows, "staggered")
+    base, torch = _best(rows, "baseline"), _best(rows, "torch")
+    stacks = [r for r in rows if r["kind"] == "stack"]
+    out = {"best_sequential": seq["label"], "best_staggered": stag["label"],
+           "best_baseline": base["label"] if base else None,
+           "overlap": seq1["median_ms"] / stag1["median_ms"],
+           "stagger_gain": seq["median_ms"] / stag["median_ms"],
+           "vs_baseline": base["median_ms"] / stag["median_ms"] if base else None,
+           "vs_torch": torch["median_ms"] / stag["median_ms"] if torch else None}
+    if stacks:
+        ideal = max(r["median_ms"] for r in stacks)
+        out |= {"ideal_step_ms": ideal, "efficiency": ideal / stag1["median_ms"]}
+    return out
+
+
+def scaling(rows: list[dict]) -> list[dict]:
+    """Median step by intra-op threads per stack, sequential vs staggered (uniform splits)."""
+    out = []
+    for r in rows:
+        uniform = len(set(r["threads"])) == 1
+        if r["kind"] in ("sequential", "staggered") and uniform:
+            out.append({"batch": r["batch"], "context": r["context"], "window": r["window"],
+                        "schedule": r["kind"], "threads_per_stack": r["threads"][0],
+                        "median_ms": r["median_ms"]})
+    return out
+
+
+def summarise(meta: dict, rows: list[dict]) -> dict:
+    cells = sorted({(r["batch"], r["context"], r["window"]) for r in rows})
+    ratios = []
+    for b, c, w in cells:
+        sub = [r for r in rows if (r["batch"], r["context"], r["window"]) == (b, c, w)]
+        ratios.append({"batch": b, "context": c, "window": w} | cell_ratios(sub))
+    return {"meta": meta, "rows": rows, "ratios": ratios, "scaling": scaling(rows)}
+
+
+def print_report(res: dict, con: Console | None = None) -> None:
+    con = con or Console()
+    m = res["meta"]
+    con.print(f"[bold]stagcompile bench[/] ({m['backend']}, {m['cores']} cores, "
+              f"{m['rounds']} rounds x {m['iters']} steps after {m['warmup']} warm-up, "
+              f"ORT spinning {'on' if m['spinning'] else 'off'})")
+    t = Table(title="per-token decode latency (ms) and prefill throughput")
+    for col in ("batch", "ctx", "cross win", "configuration", "median", "p10", "p90",
+                "prefill tok/s"):
+        t.add_column(col, justify="right" if col not in ("configuration", "cross win") else "left")
+    for r in res["rows"]:
+        t.add_row(str(r["batch"]), str(r["context"]), r["window"], r["label"],
+                  f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                  f"{r['prefill_tok_s']:,.0f}" if r["prefill_tok_s"] else "")
+    con.print(t)
+    t = Table(title="ratios (higher is better; target in brackets)")
+    for col in ("batch", "ctx", "cross win", "overlap [1.8]", "stagger gain [1.15]",
+                "vs baseline [1.1]", "vs torch [3]", "efficiency [0.9]", "best staggered"):
+        t.add_column(col)
+    for r in res["ratios"]:
+        def fmt(key):
+            v = r.get(key)
+            if v is None:
+                return "-"
+            ok = v >= TARGETS[key]
+            return f"[{'green' if ok else 'red'}]{v:.2f}[/]"
+        t.add_row(str(r["batch"]), str(r["context"]), r["window"], fmt("overlap"),
+                  fmt("stagger_gain"), fmt("vs_baseline"), fmt("vs_torch"), fmt("efficiency"),
+                  r["best_staggered"])
+    con.print(t)
+    t = Table(title="thread scaling: median ms per step by intra-op threads per stack")
+    for col in ("batch", "ctx", "cross win", "schedule", "threads/stack", "median ms"):
+        t.add_column(col)
+    for r in res["scaling"]:
+        t.add_row(str(r["batch"]), str(r["context"]), r["window"], r["schedule"],
+                  str(r["threads_per_stack"]), f"{r['median_ms']:.3f}")
+    con.print(t)
+
+
+def write_json(res: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from stagcompile.errors import StagError
+        raise StagError("--plot needs matplotlib: pip install matplotlib") from None
+    cells = sorted({(r["batch"], r["context"], r["window"]) for r in res["rows"]})
+    fig, axes = plt.subplots(len(cells), 1, figsize=(10, 3.2 * len(cells)), squeeze=False)
+    for ax, (b, c, w) in zip(axes[:, 0], cells):
+        sub = [r for r in res["rows"] if (r["batch"], r["context"], r["window"]) == (b, c, w)
+               and r["kind"] != "stack"]
+        ax.barh([r["label"] for r in sub], [r["median_ms"] for r in sub],
+                xerr=[[r["median_ms"] - r["p10_ms"] for r in sub],
+                      [r["p90_ms"] - r["median_ms"] for r in sub]], color="tab:blue")
+        ax.set_title(f"batch {b}, context {c}, {w} cross window")
+        ax.set_xlabel("ms per decode step (median, p10-p90)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

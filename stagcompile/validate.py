@@ -1,0 +1,264 @@
+"""`stagcompile validate`: every backend available here against the PyTorch reference's golden trace.
+
+    backend        what runs                                        when
+    ort-portable   ONNX Runtime, standard-op graphs                 always
+    ort-plugin     ONNX Runtime + the plugin node's kernel          fp32 plugin graphs, extensions
+    trt            TensorRT engines from `stagcompile build`        tensorrt, a GPU, built engines
+
+Per backend and stack, Polygraphy's runner executes the graph on every traced step (inputs from
+`stagcompile.replay`) and Polygraphy's Comparator checks each output against the reference with
+dtype-appropriate tolerances. Then the runtime's greedy tokens (both schedules) are checked against
+the trace. A failure names the stack, output, step, worst element and its error, and saves the
+inputs and expected outputs so the printed `polygraphy run ...` command reproduces it.
+Writes `validation/report.json`. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stagcompile.errors import StagError
+from stagcompile.replay import Trace
+from stagcompile.runtime.bundle import Bundle, BundleError
+
+TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-2, 1e-2), "bfloat16": (1.5e-1, 2e-2)}
+
+
+@dataclass
+class Check:
+    backend: str
+    stack: int
+    steps: int = 0
+    outputs: int = 0
+    max_abs: float = 0.0
+    worst: str = ""
+    passed: bool = True
+    failure: str = ""
+    repro: str = ""
+
+
+@dataclass
+class Report:
+    bundle: str
+    dtype: str
+    atol: float
+    rtol: float
+    checks: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    tokens: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks) and all(t["passed"] for t in self.tokens)
+
+    def to_dict(self) -> dict:
+        return {"bundle": self.bundle, "dtype": self.dtype, "atol": self.atol, "rtol": self.rtol,
+                "passed": self.passed, "checks": [asdict(c) for c in self.checks],
+                "skipped": self.skipped, "tokens": self.tokens}
+
+
+def _quiet_polygraphy():
+    from polygraphy.logger import G_LOGGER
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
+def _ort_runners(bundle: Bundle, flavour: str):
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    def loader(path):
+        def make():
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if flavour == "plugin":
+                from plugins.ort_kernel import session_options
+                so = session_options(so)
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return make
+
+    return [OnnxrtRunner(loader(bundle.graph(flavour, k + 1)), name=f"ort-{flavour}")
+            for k in range(bundle.num_stacks)]
+
+
+def _trt_runners(bundle: Bundle):
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    return [TrtRunner(EngineFromBytes(bundle.engine(k + 1).read_bytes()), name="trt")
+            for k in range(bundle.num_stacks)]
+
+
+def available_backends(bundle: Bundle) -> tuple[dict, dict]:
+    """{backend: runner factory} and {backend: why it is skipped}."""
+    ready, skipped = {}, {}
+    for flavour in ("portable", "plugin"):
+        name = f"ort-{flavour}"
+        if flavour not in bundle.flavours:
+            skipped[name] = f"the bundle has no {flavour} graphs"
+            continue
+        if flavour == "plugin":
+            try:
+                from plugins.ort_kernel import OrtKernelUnavailable, _register, check_graph_dtype
+                check_graph_dtype(bundle.dtype, "plugin graphs")
+                _register()
+            except (ImportError, OrtKernelUnavailable) as exc:
+                skipped[name] = str(exc)
+                continue
+        ready[name] = (lambda f=flavour: _ort_runners(bundle, f))
+    if not bundle.manifest.get("engines"):
+        skipped["trt"] = "no engines in the bundle (run `stagcompile build` on a GPU machine)"
+    else:
+        try:
+            import tensorrt  # noqa: F401
+            from polygraphy.backend.trt import TrtRunner  # noqa: F401
+            ready["trt"] = lambda: _trt_runners(bundle)
+        except ImportError:
+            skipped["trt"] = "tensorrt is not installed here"
+    return ready, skipped
+
+
+def _worst(got: np.ndarray, want: np.ndarray) -> tuple[float, tuple]:
+    diff = np.abs(got.astype(np.float32) - want.astype(np.float32))
+    idx = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))), diff.shape)
+    return float(diff[idx]) if not np.isnan(diff[idx]) else float("inf"), tuple(int(i) for i in idx)
+
+
+def _save_repro(root: Path, backend: str, stack: int, step: int, feeds: dict, golden: dict,
+                graph: Path, atol: float, rtol: float) -> str:
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import save_json
+    out = root / "validation" / "repro"
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = out / f"{backend}_stack{stack}_step{step}_inputs.json"
+    expected = out / f"{backend}_stack{stack}_step{step}_expected.json"
+    save_json([feeds], str(inputs))
+    RunResults([("reference", [IterationResult(golden, runner_name="reference")])]).save(str(expected))
+    runner = "--trt --model-type engine" if backend == "trt" else "--onnxrt"
+    note = ("  # plus the stagformer ORT kernel: not loadable from the CLI"
+            if backend == "ort-plugin" else "")
+    return (f"polygraphy run {graph} {runner} --load-inputs {inputs} --load-outputs {expected} "
+            f"--atol {atol} --rtol {rtol}{note}")
+
+
+def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Check:
+    from polygraphy.comparator import (Comparator, IterationResult, RunResults,
+                                       SimpleCompareFunc)
+    feeds = [s.feeds for s in trace_steps]
+    goldens = [s.golden for s in trace_steps]
+    results = Comparator.run([runner], data_loader=feeds)
+    outs = results[runner.name]
+    expected = [IterationResult({n: g[n].astype(outs[i][n].dtype) for n in g},
+                                runner_name="reference") for i, g in enumerate(goldens)]
+    both = RunResults([("reference", expected), (runner.name, outs)])
+    verdict = Comparator.compare_accuracy(both, compare_func=SimpleCompareFunc(
+        atol=atol, rtol=rtol, check_error_stat="elemwise", infinities_compare_equal=False))
+    # Polygraphy >= 0.53 returns AccuracyResults (one AccuracyResult per compare function)
+    result = verdict if hasattr(verdict, "values") else verdict[0]
+    per_iter = list(result.values())[0]
+    check = Check(backend, stack, steps=len(feeds), outputs=len(goldens[0]))
+    for i, (it, golden) in enumerate(zip(per_iter, goldens)):
+        for name in golden:
+            err, idx = _worst(outs[i][name], golden[name])
+            if err >= check.max_abs:
+                check.max_abs, check.worst = err, f"{name} step {trace_steps[i].step} at {idx}"
+            if not it[name] and check.passed:
+                check.passed = False
+                check.failure = (f"stack {stack}, output {name}, step {trace_steps[i].step} "
+                                 f"({'prefill' if trace_steps[i].step == 0 else 'decode'}): "
+                                 f"worst element {idx} differs by {err:.3g} "
+                                 f"(got {float(outs[i][name][idx]):.6g}, expected "
+                                 f"{float(golden[name][idx]):.6g}; atol {atol}, rtol {rtol})")
+                graph = (bundle.engine(stack) if backend == "trt"
+                         else bundle.graph(backend.split("-")[1], stack))
+                check.repro = _save_repro(bundle.root, backend, stack, trace_steps[i].step,
+                                          feeds[i], golden, graph, atol, rtol)
+    return check
+
+
+def _token_check(bundle: Bundle, trace: Trace, backend: str, schedule: str, atol: float) -> dict:
+    from stagcompile.runtime.generator import Generator, make_backend
+    gen = Generator(bundle, make_backend(bundle, backend, schedule), schedule)
+    try:
+        got = gen.generate(trace.prompt, trace.tokens.shape[1])
+    finally:
+        gen.close()
+    want = trace.tokens
+    out = {"backend": backend, "schedule": schedule, "steps": int(want.shape[1]),
+           "passed": bool(np.array_equal(got, want)), "note": ""}
+    if not out["passed"]:
+        row, step = map(int, np.argwhere(got != want)[0])
+        out["note"] = f"row {row} diverges at step {step}: got {got[row, step]}, expected {want[row, step]}"
+        if bundle.dtype != "float32":
+            logits = trace.data[f"s{step}/{bundle.num_stacks}/logits"][row, -1]
+            margin = float(logits[want[row, step]] - logits[got[row, step]])
+            if margin <= atol:
+                out["passed"] = True
+                out["note"] += f" (reference margin {margin:.3g} <= atol: a near tie in {bundle.dtype})"
+    return out
+
+
+def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = None,
+                    show_progress: bool = True) -> Report:
+    from stagcompile.progress import progress
+    try:
+        bundle = Bundle.load(root)
+    except BundleError as exc:
+        raise StagError(str(exc)) from None
+    try:
+        trace = Trace(bundle)
+    except FileNotFoundError as exc:
+        raise StagError(str(exc)) from None
+    d_atol, d_rtol = TOLERANCES[bundle.dtype]
+    atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+    if atol < 0 or rtol < 0:
+        raise StagError(f"--atol {atol} / --rtol {rtol}: tolerances must be >= 0")
+    _quiet_polygraphy()
+    ready, skipped = available_backends(bundle)
+    report = Report(str(root), bundle.dtype, atol, rtol, skipped=skipped)
+    by_stack: dict[int, list] = {}
+    for st in trace.steps(bundle.dtype):
+        by_stack.setdefault(st.stack, []).append(st)
+    token_runs = [("ort", s) for s in ("staggered", "sequential") if bundle.dtype != "bfloat16"]
+    if "trt" in ready:
+        token_runs += [("trt", "staggered"), ("trt", "sequential")]
+    with progress(show_progress) as bar:
+        task = bar.add_task("validate", total=len(ready) * bundle.num_stacks + len(token_runs))
+        for backend, make in ready.items():
+            for k, runner in enumerate(make()):
+                bar.update(task, description=f"{backend}: stack {k + 1}")
+                report.checks.append(_check_stack(bundle, by_stack[k + 1], runner, backend,
+                                                  k + 1, atol, rtol))
+                bar.advance(task)
+        for backend, schedule in token_runs:
+            bar.update(task, description=f"greedy tokens: {backend} {schedule}")
+            report.tokens.append(_token_check(bundle, trace, backend, schedule, atol))
+            bar.advance(task)
+    (bundle.root / "validation").mkdir(exist_ok=True)
+    (bundle.root / "validation" / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def print_report(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    con = Console()
+    t = Table(title=f"validation of {report.bundle} ({report.dtype}, atol {report.atol}, "
+                    f"rtol {report.rtol})")
+    for col in ("backend", "stack", "steps", "outputs", "max |err|", "worst at", "verdict"):
+        t.add_column(col)
+    for c in report.checks:
+        t.add_row(c.backend, str(c.stack), str(c.steps), str(c.outputs), f"{c.max_abs:.2e}",
+                  c.worst, "[green]pass[/]" if c.passed else "[red]FAIL[/]")
+    con.print(t)
+    for tok in report.tokens:
+        verdict = "[green]match[/]" if tok["passed"] else "[red]MISMATCH[/]"
+        con.print(f"greedy tokens, {tok['backend']} {tok['schedule']}: {verdict} over "
+                  f"{tok['steps']} steps {tok['note']}")
+    for name, why in report.skipped.items():
+        con.print(f"[yellow]skipped {name}[/]: {why}")
+    for c in report.checks:
+        if not c.passed:
+            con.print(f"[red]FAIL[/] {c.backend}: {c.failure}\n  reproduce: {c.repro}")
+    con.print("[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]")

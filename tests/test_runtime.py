@@ -1,0 +1,195 @@
+"""The runtime: both schedules reproduce the reference token for token, graphs never read what a
+concurrent graph writes, it runs without torch or stagcompile, bounded windows run in constant
+memory past max_seq_len, and bad bundles or requests are refused with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import bundle_for, grouped, VARIANTS
+from stagcompile.config import preset
+from stagcompile.generate import cached_generate
+from stagcompile.runtime import BundleError, CapacityError, Generator
+from stagcompile.runtime.sampling import Sampler, Sampling
+
+NEW = 14
+
+
+def reference(model, prompt: np.ndarray, n: int):
+    toks, logits = cached_generate(model, torch.from_numpy(prompt), n)
+    return toks.numpy(), torch.stack(logits, 1).numpy()
+
+
+def runtime_logits(gen: Generator, prompt: np.ndarray, n: int):
+    """Greedy tokens and the logits that chose them, through the runtime's prefill/step."""
+    logits = gen.prefill(prompt)
+    toks, all_logits = [], []
+    for i in range(n):
+        all_logits.append(logits.copy())
+        toks.append(logits.argmax(-1))
+        if i + 1 < n:
+            logits = gen.step(toks[-1])
+    return np.stack(toks, 1), np.stack(all_logits, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_schedules_match_reference(bundle_root, variant, batch):
+    path, model = bundle_for(bundle_root, variant)
+    prompt = np.random.default_rng(batch).integers(0, variant.vocab_size, (batch, 5))
+    want_toks, want_logits = reference(model, prompt, NEW)
+    for schedule in ("staggered", "sequential"):
+        gen = Generator.load(path, schedule=schedule)
+        toks, logits = runtime_logits(gen, prompt, NEW)
+        np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+        assert np.array_equal(toks, want_toks), schedule
+        assert np.array_equal(gen.generate(prompt, NEW), want_toks)
+        gen.close()
+
+
+@pytest.mark.parametrize("cfg", grouped([VARIANTS[-1]]))
+def test_no_graph_reads_what_a_concurrent_graph_writes(bundle_root, cfg):
+    path, model = bundle_for(bundle_root, cfg)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 4))
+    clean = Generator.load(path)
+    _, want = runtime_logits(clean, prompt, 12)
+    gen = Generator.load(path)
+    backend = gen.scheduler.backend
+    original = backend.set_step
+
+    def poisoned(tokens, pos):
+        st = backend.state
+        for k in range(st.num_stacks):            # everything written during this step
+            for arr in st.staging[k].values():
+                if arr.dtype.kind == "f":
+                    arr.fill(np.nan)
+            for arr in st.pending[k][1 - pos % 2].values():
+                arr.fill(np.nan)
+        original(tokens, pos)
+
+    backend.set_step = poisoned
+    _, got = runtime_logits(gen, prompt, 12)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    gen.close()
+    clean.close()
+
+
+def test_sampling_is_seeded_and_respects_top_k_top_p():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    a = Sampler(Sampling(temperature=1.0, seed=3))(logits)
+    b = Sampler(Sampling(temperature=1.0, seed=3))(logits)
+    assert np.array_equal(a, b)
+    assert abs((a == 0).mean() - 0.5) < 0.05
+    assert set(Sampler(Sampling(temperature=1.0, top_k=2, seed=0))(logits)) <= {0, 1}
+    assert set(Sampler(Sampling(temperature=1.0, top_p=0.7, seed=0))(logits)) <= {0, 1}
+    assert set(Sampler(Sampling(temperature=1.0, top_p=0.01, seed=0))(logits)) == {0}
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0)
+
+
+BLOCKER = textwrap.dedent("""
+    import sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "stagcompile", "graphs", "plugins", "cli"):
+                raise ImportError("blocked for this test: " + name)
+    sys.meta_path.insert(0, Block())
+""")
+
+
+@pytest.mark.parametrize("cfg", grouped([VARIANTS[4]]))
+def test_generated_runtime_runs_without_torch_or_stagcompile(bundle_root, tmp_path, cfg):
+    path, model = bundle_for(bundle_root, cfg)
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
+                           text=True)
+    assert check.returncode != 0 and "blocked" in check.stderr
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 5))
+    want, _ = reference(model, prompt, 10)
+    ids = ",".join(map(str, prompt[0]))
+    for cmd, cwd in (([sys.executable, str(path / "runtime" / "run.py")], tmp_path),
+                     ([sys.executable, "-m", "runtime"], path)):
+        proc = subprocess.run(cmd + ["--ids", ids, "--max-new-tokens", "10"], env=env, cwd=cwd,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [str(t) for t in want[0]]
+        assert "ms/token median" in proc.stderr and "[ort, staggered]" in proc.stderr
+
+
+def test_bounded_generation_runs_past_max_seq_len_in_constant_memory(bundle_root):
+    psutil = pytest.importorskip("psutil")
+    cfg = preset("tiny").replace(max_seq_len=32, self_window=8, cross_window=4)
+    path, model = bundle_for(bundle_root, cfg)
+    gen = Generator.load(path)
+    proc = psutil.Process()
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 4))
+    rss = []
+    logits = gen.prefill(prompt)
+    for i in range(4 * cfg.max_seq_len):
+        logits = gen.step(logits.argmax(-1))
+        if i % 8 == 0:
+            rss.append(proc.memory_info().rss)
+    warm = rss[2:]
+    assert max(warm) - min(warm) < 2 * 2**20, f"resident memory grew by {max(warm) - min(warm)} B"
+    want, _ = reference(model, prompt, 4 * cfg.max_seq_len)
+    assert np.array_equal(gen.generate(prompt, 4 * cfg.max_seq_len), want)
+    gen.close()
+
+
+def test_unbounded_model_stops_at_capacity(bundle_root):
+    cfg = preset("tiny").replace(max_seq_len=16)
+    path, _ = bundle_for(bundle_root, cfg)
+    gen = Generator.load(path)
+    out = gen.generate(np.zeros((1, 10), np.int64), 50)
+    assert out.shape[1] == 7 and "cache full at 16 tokens" in gen.stats.stopped
+    with pytest.raises(CapacityError, match="prompt of 17 tokens does not fit"):
+        gen.generate(np.zeros((1, 17), np.int64), 2)
+    with pytest.raises(ValueError, match="batch 9 exceeds max_batch=8"):
+        gen.generate(np.zeros((9, 3), np.int64), 2)
+    gen.close()
+
+
+def test_broken_bundles_are_refused(bundle_root, tmp_path):
+    path, _ = bundle_for(bundle_root, preset("tiny"))
+    broken = tmp_path / "b"
+    shutil.copytree(path, broken)
+    data = broken / "graphs" / "portable" / "stack1.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="stack1.onnx.data: checksum mismatch"):
+        Generator.load(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(path, broken)
+    (broken / "graphs" / "portable" / "stack2.onnx").unlink()
+    with pytest.raises(BundleError, match="stack2.onnx: file listed in manifest.json is missing"):
+        Generator.load(broken)
+    man = json.loads((broken / "manifest.json").read_text())
+    man["manifest_version"] = 0
+    (broken / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="manifest_version 0 is not supported"):
+        Generator.load(broken)
+    with pytest.raises(BundleError, match="file not found"):
+        Generator.load(tmp_path / "nothing")
+
+
+def test_run_command_streams_and_reports(bundle_root):
+    path, model = bundle_for(bundle_root, preset("tiny"))
+    exe = shutil.which("stagcompile", path=os.path.dirname(sys.executable))
+    proc = subprocess.run([exe, "run", str(path), "--ids", "1,2,3", "-n", "6",
+                           "--schedule", "sequential"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    want, _ = reference(model, np.array([[1, 2, 3]]), 6)
+    assert proc.stdout.split() == [str(t) for t in want[0]]
+    assert "[ort, sequential]" in proc.stderr
+    bad = subprocess.run([exe, "run", str(path), "--ids", "1,2,300"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "token ids must be in [0, 97)" in bad.stderr
