@@ -30,7 +30,7 @@ def parser(default_bundle: Path | None) -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch "
                      "(prompts must tokenize to the same length)")
     src.add_argument("--ids", action="append", help="comma-separated token ids; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=32)
     p.add_argument("--backend", choices=BACKENDS, default="ort")
     p.add_argument("--schedule", choices=SCHEDULES, default="staggered")
     p.add_argument("--threads", type=int, default=None,
