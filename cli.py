@@ -241,6 +241,47 @@ def train(texts: List[Path] = typer.Argument(..., help="Training text files (.tx
                       f"{last['val_ppl']:.2f}, {last['val_bpb']:.4f} bits per byte -> {output}")
 
 
+def _ints(flag: str, text: str) -> list[int]:
+    from stagcompile.errors import StagError
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StagError(f"{flag} {text}: expected comma-separated integers") from None
+
+
+@app.command()
+@stage
+def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (or use "
+                                                      "--preset for random weights)."),
+          preset: Optional[str] = typer.Option(None, help="Benchmark a preset (tiny, demo, "
+                                               "small, base) with random weights."),
+          batch: str = typer.Option("1,8", help="Batch sizes, comma-separated."),
+          context: str = typer.Option("128,1024", help="Context lengths, comma-separated."),
+          window: str = typer.Option("unbounded,bounded", help="Cross windows to compare."),
+          bounded_window: int = typer.Option(32, help="The bounded cross window."),
+          backend: str = typer.Option("ort", help="ort (CPU threads) or trt (GPU streams)."),
+          iters: int = typer.Option(20, help="Timed decode steps per round."),
+          rounds: int = typer.Option(5, help="Interleaved rounds."),
+          warmup: int = typer.Option(3, help="Untimed warm-up steps per configuration."),
+          spinning: bool = typer.Option(False, help="Let idle ONNX Runtime threads spin."),
+          torch_baseline: bool = typer.Option(True, "--torch/--no-torch",
+                                              help="Include PyTorch eager cached decode."),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
+          plot: Optional[Path] = typer.Option(None, help="Write a bar chart (PNG).")):
+    """Staggered vs sequential vs a P = 1 baseline vs PyTorch eager, side by side."""
+    from stagcompile.bench import run_bench
+    from stagcompile.bench_report import plot as plot_png
+    from stagcompile.bench_report import print_report, write_json
+    res = run_bench(checkpoint, preset, _ints("--batch", batch), _ints("--context", context),
+                    [w.strip() for w in window.split(",") if w.strip()], bounded_window, backend,
+                    iters, rounds, warmup, spinning, torch_baseline)
+    print_report(res)
+    if json_out:
+        write_json(res, json_out)
+    if plot:
+        plot_png(res, plot)
+
+
 def main() -> None:
     app()
 

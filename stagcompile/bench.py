@@ -59,52 +59,60 @@ def thread_splits(n_stacks: int, n_cores: int) -> list[tuple]:
     return sorted(set(splits + [full]))
 
 
-def _ort_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, n_cores: int,
-                 spinning: bool, stacks_alone: bool) -> list[Runner]:
+def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend: str,
+                     n_cores: int, spinning: bool, stacks_alone: bool) -> list[Runner]:
+    """Runners over one bundle: every schedule and (ONNX Runtime) thread setting worth trying."""
     from stagcompile.runtime.bundle import Bundle
-    from stagcompile.runtime.generator import Generator
-    from stagcompile.runtime.ort_backend import OrtBackend
+    from stagcompile.runtime.generator import Generator, make_backend
 
     bundle = Bundle.load(bundle_dir, verify=False)
-    p = bundle.num_stacks
+    p, ctx = bundle.num_stacks, prompt.shape[1]
+    tok = np.zeros(prompt.shape[0], np.int64)
     out = []
 
     def make(label, kind, schedule, threads):
-        gen = Generator(bundle, OrtBackend(bundle, list(threads), spinning), schedule)
-        ctx = prompt.shape[1]
-        tok = np.zeros(prompt.shape[0], np.int64)
+        gen = Generator(bundle, make_backend(bundle, backend, schedule, list(threads), spinning),
+                        schedule)
         r = Runner(label, kind, tuple(threads), prefill=lambda: gen.prefill(prompt),
                    step=lambda: gen.step(tok), seek=lambda: gen.scheduler.seek(ctx))
         r.generator = gen
         return r
 
-    seq_threads = sorted({1, n_cores})
     kind = "baseline" if variant == "baseline" else "sequential"
-    for t in seq_threads:
-        out.append(make(f"{kind} {t}t", kind, "sequential", (t,) * p))
-    if p > 1:
-        for split in thread_splits(p, n_cores):
-            out.append(make("staggered " + "+".join(map(str, split)), "staggered", "staggered",
-                            split))
+    if backend == "ort":
+        seq = [(t,) * p for t in sorted({1, n_cores})]
+        stag = thread_splits(p, n_cores) if p > 1 else []
+    else:
+        seq, stag = [(1,) * p], ([(1,) * p] if p > 1 else [])
+    for threads in seq:
+        suffix = f" {threads[0]}t" if backend == "ort" else ""
+        out.append(make(f"{kind}{suffix}", kind, "sequential", threads))
+    for split in stag:
+        suffix = " " + "+".join(map(str, split)) if backend == "ort" else ""
+        out.append(make(f"staggered{suffix}", "staggered", "staggered", split))
     if stacks_alone and p > 1:
-        alone = make("stacks alone 1t", "stack-source", "sequential", (1,) * p)
-        backend = alone.generator.scheduler.backend
+        alone = make("stacks alone", "stack-source", "sequential", (1,) * p)
+        sched = alone.generator.scheduler
         for k in range(p):
             def one(k=k):
-                backend.set_step(np.zeros(prompt.shape[0], np.int64), alone.generator.scheduler.pos)
-                backend.launch(k, alone.generator.scheduler.pos % 2)
-            out.append(Runner(f"stack {k + 1} alone 1t", "stack", (1,), prefill=alone.prefill,
+                sched.backend.set_step(tok, sched.pos)
+                sched.backend.launch(k, sched.pos % 2)
+                sched.backend.sync()
+            out.append(Runner(f"stack {k + 1} alone", "stack", (1,), prefill=alone.prefill,
                               step=one, seek=alone.seek))
     return out
 
 
-def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int) -> list[Runner]:
+def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int,
+                   device: str = "cpu") -> list[Runner]:
     import torch
 
     from stagcompile import checkpoint
     from stagcompile.generate import CachedDecoder
 
     model = checkpoint.load(checkpoint_dir)
+    if device != "cpu":
+        return _torch_gpu_runner(model, prompt, device)
     ids = torch.from_numpy(prompt)
     tok = torch.zeros(prompt.shape[0], dtype=torch.int64)
     out = []
@@ -123,6 +131,36 @@ def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int) -> li
                           step=lambda dec=dec: dec.step(tok), seek=seek,
                           before=lambda t=t: torch.set_num_threads(t)))
     return out
+
+
+def _torch_gpu_runner(model, prompt: np.ndarray, device: str) -> list[Runner]:
+    """PyTorch eager cached decode on the GPU (the comparison for --backend trt)."""
+    import torch
+
+    from stagcompile.generate import CachedDecoder
+
+    model = model.to(device)
+    dec = CachedDecoder(model, prompt.shape[0])
+    dec.self_cache = [[(k.to(device), v.to(device)) for k, v in st] for st in dec.self_cache]
+    dec.cross_cache = [None if c is None else [(k.to(device), v.to(device)) for k, v in c]
+                       for c in dec.cross_cache]
+    ids = torch.from_numpy(prompt).to(device)
+    tok = torch.zeros(prompt.shape[0], dtype=torch.int64, device=device)
+
+    def prefill():
+        dec.pos = torch.zeros(prompt.shape[0], dtype=torch.int64)
+        dec.pending = [None] * model.cfg.num_stacks
+        dec.prefill(ids)
+        torch.cuda.synchronize()
+
+    def step():
+        dec.step(tok)
+        torch.cuda.synchronize()
+
+    def seek():
+        dec.pos.fill_(prompt.shape[1])
+
+    return [Runner("torch eager cuda", "torch", (1,), prefill=prefill, step=step, seek=seek)]
 
 
 def measure(runners: list[Runner], iters: int, rounds: int, warmup: int, bar=None, task=None):
@@ -186,14 +224,19 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
               warmup: int = 3, spinning: bool = False, include_torch: bool = True,
               work_dir: Path | None = None, show_progress: bool = True) -> dict:
     from stagcompile.bench_report import summarise
+    from stagcompile.config import load_config
     from stagcompile.export import export_bundle
     from stagcompile.progress import progress
 
     if (checkpoint is None) == (preset_name is None):
         raise StagError("give a CHECKPOINT or --preset NAME (not both)")
-    if backend != "ort":
-        raise StagError(f"--backend {backend}: this build measures ONNX Runtime; the TensorRT "
-                        "path is scripts/gpu_check.sh on a GPU machine")
+    if backend not in ("ort", "trt"):
+        raise StagError(f"--backend {backend}: expected ort or trt")
+    if backend == "trt":
+        from stagcompile.compile import can_build
+        ok, why = can_build()
+        if not ok:
+            raise StagError(f"--backend trt: {why}")
     for name, vals in (("--batch", batches), ("--context", contexts)):
         if not vals or min(vals) < 1:
             raise StagError(f"{name} {list(vals)}: give values >= 1")
@@ -213,18 +256,24 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
                 for ctx in contexts:
                     bar.update(task, description=f"export {variant}, context {ctx}")
                     out = work / f"bundle-{variant}-{ctx}"
-                    export_bundle(ck, out, "portable", "fp32", ctx + margin,
-                                  max(batches), force=True, show_progress=False)
+                    export_bundle(ck, out, "both" if backend == "trt" else "portable", "fp32",
+                                  ctx + margin, max(batches), force=True, show_progress=False)
+                    if backend == "trt":
+                        from stagcompile.build import build_engines
+                        build_engines(out, max_prefill=ctx, show_progress=False)
                     bundles[variant, ctx] = out
                     bar.advance(task)
+            vocab = load_config(ckpts["baseline"]).vocab_size
             cells = list(itertools.product(batches, contexts, windows))
             for b, ctx, w in cells:
-                prompt = np.random.default_rng(0).integers(0, 100, (b, ctx)).astype(np.int64)
-                runners = (_ort_runners(bundles[w, ctx], prompt, w, n_cores, spinning, True)
-                           + _ort_runners(bundles["baseline", ctx], prompt, "baseline", n_cores,
-                                          spinning, False))
+                prompt = np.random.default_rng(0).integers(0, vocab, (b, ctx)).astype(np.int64)
+                runners = (_runtime_runners(bundles[w, ctx], prompt, w, backend, n_cores,
+                                            spinning, True)
+                           + _runtime_runners(bundles["baseline", ctx], prompt, "baseline",
+                                              backend, n_cores, spinning, False))
                 if include_torch:
-                    runners += _torch_runners(ckpts[w], prompt, n_cores)
+                    runners += _torch_runners(ckpts[w], prompt, n_cores,
+                                              "cuda" if backend == "trt" else "cpu")
                 task = bar.add_task(f"batch {b}, context {ctx}, {w} cross window",
                                     total=len(runners) * (rounds + 1))
                 measure(runners, iters, rounds, warmup, bar, task)

@@ -111,5 +111,8 @@ class OrtBackend:
     def finish(self) -> np.ndarray:
         return self.state.logits
 
+    def sync(self) -> None:
+        """Runs are synchronous on the CPU: nothing to wait for."""
+
     def close(self) -> None:
         self.bindings, self.state = [], None

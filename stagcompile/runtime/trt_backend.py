@@ -277,6 +277,10 @@ class TrtBackend:
         for s in dict.fromkeys(map(native, self.streams)):
             self.cuda.sync(s)
 
+    def sync(self) -> None:
+        """Wait for everything enqueued (timing runs of a single stack)."""
+        self._sync_all()
+
     def _settle(self) -> None:
         """After a host sync: give every step event a completed record on its stream."""
         self._sync_all()
