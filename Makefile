@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 EXTRAS ?= export,plugin,trt-rtx,test,plot
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -n 2 --dist loadgroup
 
 .PHONY: setup test demo clean
 
@@ -25,11 +25,14 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+PROMPT ?= To be, or not to be, that is the question:
+TOKENS ?= 64
+
 demo: setup
-	rm -rf out/demo-ckpt
-	$(SC) init --preset tiny -o out/demo-ckpt --seed 0
-	$(SC) inspect out/demo-ckpt
-	$(PY) -m stagcompile.reference_demo out/demo-ckpt
+	$(SC) inspect stagcompile/demo
+	$(SC) compile stagcompile/demo -o out/demo-bundle --force
+	$(PY) out/demo-bundle/runtime/run.py --prompt "$(PROMPT)" --max-new-tokens $(TOKENS) \
+	    --temperature 0.8 --top-p 0.95 --seed 0
 
 clean:
 	rm -rf out .pytest_cache

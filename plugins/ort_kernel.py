@@ -24,7 +24,7 @@ class OrtKernelUnavailable(RuntimeError):
 
 
 @lru_cache(maxsize=None)
-def _register() -> str:
+def register() -> str:
     try:
         import onnxruntime_extensions as ortx
     except ImportError:
@@ -49,7 +49,7 @@ def session_options(base=None):
     """ONNX Runtime SessionOptions able to run plugin-flavour graphs."""
     import onnxruntime as ort
     so = base if base is not None else ort.SessionOptions()
-    so.register_custom_ops_library(_register())
+    so.register_custom_ops_library(register())
     return so
 
 

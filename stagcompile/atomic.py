@@ -25,6 +25,9 @@ def atomic_dir(path: Path, force: bool = False, what: str = "output"):
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)                 # mkdtemp makes 0700; use the usual mode
     except OSError as exc:
         raise StagError(f"{path}: cannot write the {what} folder here ({exc.strerror or exc})") \
             from None

@@ -100,9 +100,9 @@ def available_backends(bundle: Bundle) -> tuple[dict, dict]:
             continue
         if flavour == "plugin":
             try:
-                from plugins.ort_kernel import OrtKernelUnavailable, _register, check_graph_dtype
+                from plugins.ort_kernel import OrtKernelUnavailable, check_graph_dtype, register
                 check_graph_dtype(bundle.dtype, "plugin graphs")
-                _register()
+                register()
             except (ImportError, OrtKernelUnavailable) as exc:
                 skipped[name] = str(exc)
                 continue
