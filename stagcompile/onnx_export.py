@@ -77,13 +77,47 @@ def trace_stack(model: StagFormer, stack: int, dtype: str, max_batch: int) -> on
     return proto
 
 
+def canonical_shapes(model) -> None:
+    """Rewrite single-dimension Shape nodes of an onnx_ir model: a static dimension becomes a
+    constant, a symbolic one (batch, seq) a Shape of `input_ids`, the graph input that carries
+    both. The inlined attention calls then compute identical masks from identical values, which
+    common-subexpression elimination merges: each distinct mask is built once per step."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    ids = next(v for v in graph.inputs if v.name == "input_ids")
+    where = {"batch": 0, "seq": 1}
+    for node in list(graph):
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+            continue
+        start, end = node.attributes.get("start"), node.attributes.get("end")
+        shape = node.inputs[0].shape
+        if start is None or end is None or shape is None or end.value - start.value != 1:
+            continue
+        dim = shape[start.value]
+        if isinstance(dim, int):
+            new = ir.node("Constant", [], attributes={
+                "value": ir.tensor(np.array([dim], dtype=np.int64))})
+        elif str(dim) in where:
+            i = where[str(dim)]
+            new = ir.node("Shape", [ids], attributes={"start": i, "end": i + 1})
+        else:
+            continue
+        graph.insert_before(node, new)
+        ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0])
+        graph.remove(node, safe=True)
+
+
 def portable(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Inline every plugin node, then merge identical subgraphs and drop dead nodes."""
+    """Inline every plugin node, canonicalise shape reads, then merge identical subgraphs and
+    drop dead nodes."""
     import onnx_ir as ir
     from onnx_ir.passes.common import (CommonSubexpressionEliminationPass,
                                        RemoveUnusedNodesPass, RemoveUnusedOpsetsPass)
 
-    model = ir.serde.deserialize_model(to_portable(proto))
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(to_portable(proto)))
+    canonical_shapes(model)
     for p in (CommonSubexpressionEliminationPass(), RemoveUnusedNodesPass(),
               RemoveUnusedOpsetsPass()):
         p(model)
