@@ -1,8 +1,9 @@
 """The torch reference of BoundedWindowAttention: the definition every other implementation matches.
 
-It is written with plain tensor operations and a mask computed from `pos`, so torch.onnx exports
-it to standard ONNX operators: this *is* the portable flavour of the op. It costs O(C + S) per
-query (it scores every ring slot and masks); the Triton kernel is the O(window) implementation.
+It is written with plain tensor operations and a mask computed from `pos`: scores against the
+ring and against the new entries, one softmax over both, never a copy of the cache. It costs
+O(C + S) per query (it scores every ring slot and masks); the Triton kernel is the O(window)
+implementation, and `plugins.portable` is the same computation in ONNX operators.
 
 Ring slot c holds position  pos - 1 - ((pos + C - 1 - c) mod C),  the latest position before pos
 that maps to slot c; negative means "never written". All operands of the mod are >= 0 so ONNX
@@ -88,14 +89,14 @@ def bounded_window_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.
     b, hq, s, d = q.shape
     hkv, c = k_new.shape[1], k_cache.shape[2]
     group = hq // hkv
-    keys = torch.cat([k_cache, k_new], dim=2)                                 # [B, Hkv, C+S, D]
-    values = torch.cat([v_cache, v_new], dim=2)                               # [B, Hkv, C+S, D]
     qg = q.reshape(b, hkv, group * s, d)                                      # [B, Hkv, G*S, D]
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale         # [B, Hkv, G*S, C+S]
-    scores = scores.reshape(b, hkv, group, s, c + s)                          # [B, Hkv, G, S, C+S]
+    scores = torch.cat([torch.matmul(qg, k_cache.transpose(-1, -2)),          # [B, Hkv, G*S, C]
+                        torch.matmul(qg, k_new.transpose(-1, -2))], dim=-1)   # ++ [.., S]
+    scores = scores.float().reshape(b, hkv, group, s, c + s) * scale          # [B, Hkv, G, S, C+S]
     mask = attention_mask(pos, c, s, window)[:, :, None]                      # [B, 1, 1, S, C+S]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     probs = probs.reshape(b, hkv, group * s, c + s)                           # [B, Hkv, G*S, C+S]
-    out = torch.matmul(probs, values)                                         # [B, Hkv, G*S, D]
+    out = (torch.matmul(probs[..., :c], v_cache)
+           + torch.matmul(probs[..., c:], v_new))                             # [B, Hkv, G*S, D]
     return out.reshape(b, hq, s, d)                                           # [B, Hq, S, D]

@@ -32,6 +32,8 @@ import numpy as np
 
 from stagcompile.errors import StagError
 
+CHUNK = 256     # prefill chunk, the runtime's default too: bounds activation memory
+
 
 @dataclass
 class Runner:
@@ -103,14 +105,16 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
     return out
 
 
-def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int,
+def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int, capacity: int,
                    device: str = "cpu") -> list[Runner]:
+    """The reference's cached decode, with the same cache capacity as the compiled bundle."""
     import torch
 
     from stagcompile import checkpoint
     from stagcompile.generate import CachedDecoder
 
     model = checkpoint.load(checkpoint_dir)
+    model.cfg = model.cfg.replace(max_seq_len=capacity)
     if device != "cpu":
         return _torch_gpu_runner(model, prompt, device)
     ids = torch.from_numpy(prompt)
@@ -122,7 +126,8 @@ def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int,
         def prefill(dec=dec):
             dec.pos.zero_()
             dec.pending = [None] * model.cfg.num_stacks
-            dec.prefill(ids)
+            for start in range(0, ids.shape[1], CHUNK):
+                dec.prefill(ids[:, start:start + CHUNK])
 
         def seek(dec=dec):
             dec.pos.fill_(prompt.shape[1])
@@ -150,7 +155,8 @@ def _torch_gpu_runner(model, prompt: np.ndarray, device: str) -> list[Runner]:
     def prefill():
         dec.pos = torch.zeros(prompt.shape[0], dtype=torch.int64)
         dec.pending = [None] * model.cfg.num_stacks
-        dec.prefill(ids)
+        for start in range(0, ids.shape[1], CHUNK):
+            dec.prefill(ids[:, start:start + CHUNK])
         torch.cuda.synchronize()
 
     def step():
@@ -272,7 +278,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
                            + _runtime_runners(bundles["baseline", ctx], prompt, "baseline",
                                               backend, n_cores, spinning, False))
                 if include_torch:
-                    runners += _torch_runners(ckpts[w], prompt, n_cores,
+                    runners += _torch_runners(ckpts[w], prompt, n_cores, ctx + margin,
                                               "cuda" if backend == "trt" else "cpu")
                 task = bar.add_task(f"batch {b}, context {ctx}, {w} cross window",
                                     total=len(runners) * (rounds + 1))

@@ -193,3 +193,17 @@ def test_run_command_streams_and_reports(bundle_root):
     bad = subprocess.run([exe, "run", str(path), "--ids", "1,2,300"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "token ids must be in [0, 97)" in bad.stderr
+
+
+@pytest.mark.parametrize("cfg", grouped([VARIANTS[-1], VARIANTS[4]]))
+def test_chunked_prefill_matches_one_shot(bundle_root, cfg):
+    path, model = bundle_for(bundle_root, cfg)
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11))
+    want_toks, want_logits = reference(model, prompt, 6)
+    for chunk in (2, 3, 4, 11):
+        gen = Generator.load(path, schedule="staggered")
+        gen.scheduler.prefill_chunk = chunk
+        toks, logits = runtime_logits(gen, prompt, 6)
+        np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+        assert np.array_equal(toks, want_toks), chunk
+        gen.close()

@@ -9,7 +9,8 @@
     sequential  the same graphs, one after another (comparison and debugging; same tokens).
 
 A step is: write token and position in place -> run stacks (each commits its own entries) ->
-read logits. The commit, the barrier and the sampling are the only serial parts.
+read logits. The commit, the barrier and the sampling are the only serial parts. Prefill runs
+the prompt in chunks (stack after stack per chunk).
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ class Scheduler:
     """Runs a backend's stacks over one generation session."""
 
     def __init__(self, backend, schedule: str = "staggered", max_seq_len: int = 0,
-                 unbounded_length: bool = True, max_batch: int = 0):
+                 unbounded_length: bool = True, max_batch: int = 0, prefill_chunk: int = 256):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
         self.backend, self.schedule = backend, schedule
         self.max_seq_len, self.unbounded_length = max_seq_len, unbounded_length
         self.max_batch = max_batch
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1")
+        self.prefill_chunk = prefill_chunk
         self.num_stacks = len(backend.ios)
         self.pool = None
         if schedule == "staggered" and backend.concurrency == "threads" and self.num_stacks > 1:
@@ -104,13 +108,18 @@ class Scheduler:
         self.pos = 0
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """Prompt [B, T] int64 -> logits of its last position [B, V]."""
+        """Prompt [B, T] int64 -> logits of its last position [B, V]. Long prompts run in
+        chunks of `prefill_chunk` tokens (stack after stack per chunk), which bounds the
+        activation memory of a prefill whatever the prompt length."""
         if not self.room(ids.shape[1]):
             raise CapacityError(
                 f"prompt of {ids.shape[1]} tokens does not fit the cache: this model has "
                 f"unbounded attention and max_seq_len={self.max_seq_len}")
-        logits = self.backend.prefill(np.ascontiguousarray(ids, dtype=np.int64), self.pos)
-        self.pos += ids.shape[1]
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            chunk = np.ascontiguousarray(ids[:, start:start + self.prefill_chunk])
+            logits = self.backend.prefill(chunk, self.pos)
+            self.pos += chunk.shape[1]
         return logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
