@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
 # The README's performance section: `small` preset, staggered vs sequential vs P = 1 baseline vs
 # PyTorch eager, batch 1 and 8, context 128 and 1024, unbounded and bounded cross window.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out/bench}
-mkdir -p "$OUT"
-make setup >/dev/null
-set -x
-.venv/bin/stagcompile init --preset small -o "$OUT/ckpt" --force
+source "$(dirname "$0")/small_ckpt.sh"
 .venv/bin/stagcompile bench "$OUT/ckpt" --batch 1,8 --context 128,1024 --window unbounded,bounded \
     --iters 5 --rounds 20 --warmup 3 --json "$OUT/bench.json" --plot "$OUT/bench.png"
