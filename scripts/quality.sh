@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the README's quality table: StagFormer variants against P = 1 baselines under one
 # token budget, validation bits per byte. Uses the demo run's tokenizer (scripts/train_demo.sh) or
-# the shipped one. About 40 minutes on 2 cores with the defaults.
+# the shipped one. About 50 minutes on 2 cores with the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=${CORPUS:-../shared/data/corpus}

@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 
+from conftest import bundle_for
 from stagcompile.bench import thread_splits
 from stagcompile.bench_report import TARGETS
+from stagcompile.config import preset
 
 
 def test_thread_splits():
@@ -41,3 +43,20 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert ("sequential", 1) in schedules and ("staggered", 1) in schedules
     assert png.stat().st_size > 1000
     assert "ratios" in proc.stdout and "thread scaling" in proc.stdout
+
+
+def test_profile_step_accounts_for_every_part(bundle_root):
+    """benchmarks/profile_step.py breaks a staggered step into its parts on a real bundle."""
+    path, _ = bundle_for(bundle_root, preset("tiny").replace(num_stacks=3))
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_step.py")
+    proc = subprocess.run([sys.executable, script, str(path), "--context", "8", "--steps", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2])
+            for line in proc.stdout.splitlines()
+            if line.startswith("| ") and line.split("|")[2].strip()[:1].isdigit()}
+    parts = [f"stack {k} {p}" for k in (1, 2, 3) for p in ("run", "commit")]
+    for name in parts + ["set_step", "step wall", "sampling", "barrier + dispatch"]:
+        assert rows[name] > 0, name
+    slowest = max(rows[f"stack {k} run"] for k in (1, 2, 3))
+    assert rows["step wall"] >= slowest
