@@ -184,6 +184,9 @@ def validate(bundle: Path = typer.Argument(..., help="Bundle folder."),
     from stagcompile.validate import print_report, validate_bundle
     report = validate_bundle(bundle, atol, rtol)
     print_report(report)
+    if not report.ran:
+        raise StagError(f"{bundle}: nothing could be validated on this machine: "
+                        + "; ".join(f"{k}: {v}" for k, v in report.skipped.items()))
     if not report.passed:
         raise StagError(f"{bundle}: validation failed (details in validation/report.json)")
 

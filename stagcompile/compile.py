@@ -54,9 +54,11 @@ def compile_checkpoint(checkpoint: Path, output: Path, flavour: str = "both", dt
     con.print("[bold]3/3 validate[/] against the PyTorch reference")
     report = validate_bundle(output, show_progress=show_progress)
     print_report(report)
-    summary = _summary(Path(output), built, why, report.passed)
+    verdict = ("passed" if report.passed else "FAILED" if report.ran
+               else "not run here (no backend for this bundle; see above)")
+    summary = _summary(Path(output), built, why, verdict)
     _print_summary(summary)
-    if not report.passed:
+    if report.ran and not report.passed:
         raise StagError(f"{output}: validation failed (see validation/report.json)")
     return summary
 
@@ -65,16 +67,18 @@ def _size(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
-def _summary(root: Path, built: bool, why: str, passed: bool) -> dict:
+def _summary(root: Path, built: bool, why: str, verdict: str) -> dict:
     from stagcompile.runtime.bundle import Bundle
     b = Bundle.load(root, verify=False)
     graphs = {fl: _size(root.glob(f"graphs/{fl}/*")) for fl in b.flavours}
     engines = _size(root.glob("engines/*.plan"))
     run = f"python {root}/runtime/run.py " + ("--prompt 'Once upon a time'" if b.tokenizer
                                               else "--ids 1,2,3")
+    if b.dtype == "bfloat16":
+        run += " --backend trt   # bf16: TensorRT engines (stagcompile build on the GPU)"
     return {"bundle": str(root), "stacks": b.num_stacks, "dtype": b.dtype, "graphs": graphs,
             "engines": engines if built else None, "build": "built" if built else why,
-            "validation": "passed" if passed else "FAILED", "run": run}
+            "validation": verdict, "run": run}
 
 
 def _print_summary(s: dict) -> None:

@@ -3,6 +3,7 @@
     backend        what runs                                        when
     ort-portable   ONNX Runtime, standard-op graphs                 always
     ort-plugin     ONNX Runtime + the plugin node's kernel          fp32 plugin graphs, extensions
+    onnx-reference ONNX's reference evaluator, portable graphs      bf16 bundles (no ORT CPU kernels)
     trt            TensorRT engines from `stagcompile build`        tensorrt, a GPU, built engines
 
 Per backend and stack, Polygraphy's runner executes the graph on every traced step (inputs from
@@ -25,6 +26,8 @@ from stagcompile.errors import StagError
 from stagcompile.replay import Trace
 from stagcompile.runtime.bundle import Bundle, BundleError
 
+FLAVOUR_OF = {"ort-portable": "portable", "ort-plugin": "plugin", "onnx-reference": "portable"}
+NO_BF16_ORT = "bfloat16 graphs do not run on ONNX Runtime's CPU provider (no bfloat16 MatMul)"
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-2, 1e-2), "bfloat16": (1.5e-1, 2e-2)}
 
 
@@ -52,12 +55,17 @@ class Report:
     tokens: list = field(default_factory=list)
 
     @property
+    def ran(self) -> bool:
+        return bool(self.checks or self.tokens)
+
+    @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks) and all(t["passed"] for t in self.tokens)
+        return (self.ran and all(c.passed for c in self.checks)
+                and all(t["passed"] for t in self.tokens))
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "dtype": self.dtype, "atol": self.atol, "rtol": self.rtol,
-                "passed": self.passed, "checks": [asdict(c) for c in self.checks],
+                "passed": self.passed, "ran": self.ran, "checks": [asdict(c) for c in self.checks],
                 "skipped": self.skipped, "tokens": self.tokens}
 
 
@@ -84,6 +92,12 @@ def _ort_runners(bundle: Bundle, flavour: str):
             for k in range(bundle.num_stacks)]
 
 
+def _reference_runners(bundle: Bundle):
+    from stagcompile.refrunner import OnnxReferenceRunner
+    return [OnnxReferenceRunner(bundle.graph("portable", k + 1), name="onnx-reference")
+            for k in range(bundle.num_stacks)]
+
+
 def _trt_runners(bundle: Bundle):
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     return [TrtRunner(EngineFromBytes(bundle.engine(k + 1).read_bytes()), name="trt")
@@ -97,6 +111,12 @@ def available_backends(bundle: Bundle) -> tuple[dict, dict]:
         name = f"ort-{flavour}"
         if flavour not in bundle.flavours:
             skipped[name] = f"the bundle has no {flavour} graphs"
+            continue
+        if bundle.dtype == "bfloat16":
+            skipped[name] = NO_BF16_ORT
+            if flavour == "portable":
+                skipped[name] += "; checked with ONNX's reference evaluator instead"
+                ready["onnx-reference"] = lambda: _reference_runners(bundle)
             continue
         if flavour == "plugin":
             try:
@@ -136,8 +156,9 @@ def _save_repro(root: Path, backend: str, stack: int, step: int, feeds: dict, go
     save_json([feeds], str(inputs))
     RunResults([("reference", [IterationResult(golden, runner_name="reference")])]).save(str(expected))
     runner = "--trt --model-type engine" if backend == "trt" else "--onnxrt"
-    note = ("  # plus the stagformer ORT kernel: not loadable from the CLI"
-            if backend == "ort-plugin" else "")
+    note = {"ort-plugin": "  # plus the stagformer ORT kernel: not loadable from the CLI",
+            "onnx-reference": "  # bf16: not on ONNX Runtime's CPU provider; with "
+                              "onnxruntime-gpu try --providers cuda"}.get(backend, "")
     return (f"polygraphy run {graph} {runner} --load-inputs {inputs} --load-outputs {expected} "
             f"--atol {atol} --rtol {rtol}{note}")
 
@@ -147,7 +168,13 @@ def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Che
                                        SimpleCompareFunc)
     feeds = [s.feeds for s in trace_steps]
     goldens = [s.golden for s in trace_steps]
-    results = Comparator.run([runner], data_loader=feeds)
+    check = Check(backend, stack, steps=len(feeds), outputs=len(goldens[0]))
+    try:
+        results = Comparator.run([runner], data_loader=feeds)
+    except Exception as exc:      # a runner that cannot load or run the graph is a failure
+        check.passed = False
+        check.failure = f"stack {stack}: {backend} could not run the graph: {exc}".strip()
+        return check
     outs = results[runner.name]
     expected = [IterationResult({n: g[n].astype(outs[i][n].dtype) for n in g},
                                 runner_name="reference") for i, g in enumerate(goldens)]
@@ -157,7 +184,6 @@ def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Che
     # Polygraphy >= 0.53 returns AccuracyResults (one AccuracyResult per compare function)
     result = verdict if hasattr(verdict, "values") else verdict[0]
     per_iter = list(result.values())[0]
-    check = Check(backend, stack, steps=len(feeds), outputs=len(goldens[0]))
     for i, (it, golden) in enumerate(zip(per_iter, goldens)):
         for name in golden:
             err, idx = _worst(outs[i][name], golden[name])
@@ -171,7 +197,7 @@ def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Che
                                  f"(got {float(outs[i][name][idx]):.6g}, expected "
                                  f"{float(golden[name][idx]):.6g}; atol {atol}, rtol {rtol})")
                 graph = (bundle.engine(stack) if backend == "trt"
-                         else bundle.graph(backend.split("-")[1], stack))
+                         else bundle.graph(FLAVOUR_OF[backend], stack))
                 check.repro = _save_repro(bundle.root, backend, stack, trace_steps[i].step,
                                           feeds[i], golden, graph, atol, rtol)
     return check
@@ -217,9 +243,15 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
     _quiet_polygraphy()
     ready, skipped = available_backends(bundle)
     report = Report(str(root), bundle.dtype, atol, rtol, skipped=skipped)
-    by_stack: dict[int, list] = {}
-    for st in trace.steps(bundle.dtype):
-        by_stack.setdefault(st.stack, []).append(st)
+    by_stack: dict[str, dict[int, list]] = {}
+
+    def steps_of(backend: str) -> dict[int, list]:
+        dtype = "float32" if backend == "onnx-reference" else bundle.dtype   # it casts itself
+        if dtype not in by_stack:
+            by_stack[dtype] = {}
+            for st in trace.steps(dtype):
+                by_stack[dtype].setdefault(st.stack, []).append(st)
+        return by_stack[dtype]
     token_runs = [("ort", s) for s in ("staggered", "sequential") if bundle.dtype != "bfloat16"]
     if "trt" in ready:
         token_runs += [("trt", "staggered"), ("trt", "sequential")]
@@ -228,7 +260,7 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
         for backend, make in ready.items():
             for k, runner in enumerate(make()):
                 bar.update(task, description=f"{backend}: stack {k + 1}")
-                report.checks.append(_check_stack(bundle, by_stack[k + 1], runner, backend,
+                report.checks.append(_check_stack(bundle, steps_of(backend)[k + 1], runner, backend,
                                                   k + 1, atol, rtol))
                 bar.advance(task)
         for backend, schedule in token_runs:
@@ -258,6 +290,10 @@ def print_report(report: Report) -> None:
                   f"{tok['steps']} steps {tok['note']}")
     for name, why in report.skipped.items():
         con.print(f"[yellow]skipped {name}[/]: {why}")
+    if not report.ran:
+        con.print("[bold red]NOTHING VALIDATED[/]: no backend that can run this bundle is "
+                  "available here")
+        return
     for c in report.checks:
         if not c.passed:
             con.print(f"[red]FAIL[/] {c.backend}: {c.failure}\n  reproduce: {c.repro}")

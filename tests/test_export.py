@@ -116,10 +116,41 @@ def test_fp16_export_close_to_fp32_reference(bundle_root):
     assert worst < 5e-2, worst          # fp16 weights and caches; fp32 softmax, norms, logits
 
 
-def test_tensorrt_rtx_builds_portable_graphs(bundle_root):
+BF16_CFG = preset("tiny").replace(cross_window=4, self_window=8)
+
+
+def test_bf16_export_types_and_reference_numerics(bundle_root):
+    """bf16 graphs: bf16 weights and caches, fp32 softmax and logits, and (ONNX Runtime's CPU
+    provider has no bf16 MatMul) ONNX's reference evaluator reproduces the golden trace."""
+    from onnx.reference import ReferenceEvaluator
+    path, _ = bundle_for(bundle_root, BF16_CFG, dtype="bf16", flavour="portable")
+    bundle = Bundle.load(path)
+    assert bundle.dtype == "bfloat16"
+    worst = 0.0
+    for k in range(bundle.num_stacks):
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(bundle.graph("portable", k + 1))))
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)}
+        assert types["self.k.0"] == onnx.TensorProto.BFLOAT16
+        if k == bundle.num_stacks - 1:
+            assert types["logits"] == onnx.TensorProto.FLOAT
+        softmax_in = [n.input[0] for n in model.graph.node if n.op_type == "Softmax"]
+        assert softmax_in and all(types[t] == onnx.TensorProto.FLOAT for t in softmax_in)
+    sess = [ReferenceEvaluator(str(bundle.graph("portable", k + 1)))
+            for k in range(bundle.num_stacks)]
+    for st in load_trace(path).steps("bfloat16"):
+        names = list(st.golden)
+        for name, value in zip(names, sess[st.stack - 1].run(names, st.feeds)):
+            worst = max(worst, float(np.abs(value.astype(np.float32) - st.golden[name]).max()))
+    assert worst < 5e-2, worst
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_tensorrt_rtx_builds_portable_graphs(bundle_root, dtype):
     trt = pytest.importorskip("tensorrt_rtx_bindings", reason="tensorrt-rtx-cu13-bindings is "
                               "not installed (make test installs it)")
-    path, _ = bundle_for(bundle_root, VARIANTS[4])
+    path, _ = (bundle_for(bundle_root, VARIANTS[4]) if dtype == "fp32"
+               else bundle_for(bundle_root, BF16_CFG, dtype="bf16", flavour="portable"))
     bundle = Bundle.load(path)
     logger = trt.Logger(trt.Logger.ERROR)
     for k in range(bundle.num_stacks):

@@ -78,6 +78,28 @@ def test_validate_passes_then_names_a_perturbed_weight(bundle_root, tmp_path, cf
     assert "validation failed" in proc.stderr and "reproduce: polygraphy run" in proc.stdout
 
 
+def test_validate_bf16_with_the_onnx_reference_evaluator(bundle_root):
+    """ONNX Runtime's CPU provider cannot run bf16 graphs: validation says so and checks the
+    portable graphs with ONNX's reference evaluator; with no portable graphs, nothing can run
+    here and the command says so and exits non-zero."""
+    cfg = preset("tiny").replace(cross_window=4, self_window=8)
+    path, _ = bundle_for(bundle_root, cfg, dtype="bf16", flavour="portable")
+    report = validate_bundle(path, show_progress=False)
+    assert report.passed, [c.failure for c in report.checks]
+    assert {c.backend for c in report.checks} == {"onnx-reference"}
+    assert len(report.checks) == cfg.num_stacks and all(c.max_abs < 5e-2 for c in report.checks)
+    assert "bfloat16" in report.skipped["ort-portable"]
+
+    plugin_only, _ = bundle_for(bundle_root, cfg, dtype="bf16", flavour="plugin")
+    report = validate_bundle(plugin_only, show_progress=False)
+    assert not report.ran and not report.passed
+    proc = subprocess.run([EXE, "validate", str(plugin_only)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1
+    assert "nothing could be validated on this machine" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_validate_bad_bundles(bundle_root, tmp_path):
     path, _ = bundle_for(bundle_root, preset("tiny"))
     with pytest.raises(StagError, match="manifest.json: file not found"):
