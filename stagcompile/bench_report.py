@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from stagcompile.progress import table_console
+
 TARGETS = {"overlap": 1.8, "stagger_gain": 1.15, "vs_baseline": 1.1, "vs_torch": 3.0,
            "efficiency": 0.9}
 TARGET_NOTES = {
@@ -77,7 +79,7 @@ def summarise(meta: dict, rows: list[dict]) -> dict:
 
 
 def print_report(res: dict, con: Console | None = None) -> None:
-    con = con or Console()
+    con = con or table_console()
     m = res["meta"]
     con.print(f"[bold]stagcompile bench[/] ({m['backend']}, {m['cores']} cores, "
               f"{m['rounds']} rounds x {m['iters']} steps after {m['warmup']} warm-up, "

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stagcompile.errors import StagError
+from stagcompile.progress import table_console
 
 
 def can_build() -> tuple[bool, str]:
@@ -90,6 +91,6 @@ def _print_summary(s: dict) -> None:
     t.add_row("engines", f"{s['engines'] / 2**20:.2f} MiB" if s["engines"] is not None
               else s["build"])
     t.add_row("validation", s["validation"])
-    con = Console()
+    con = table_console()
     con.print(t)
     con.print(f"run it: {s['run']}", soft_wrap=True, highlight=False)

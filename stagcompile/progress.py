@@ -1,4 +1,4 @@
-"""One progress display for long stages (rich), printed to stderr."""
+"""One progress display for long stages (rich), printed to stderr, and the console for tables."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn)
 
 console = Console(stderr=True)
+
+
+def table_console(stderr: bool = False) -> Console:
+    """A console for result tables. Piped or redirected output has no width, and rich would cut
+    wide tables to 80 columns (numbers ending in an ellipsis): give it 160 there."""
+    con = Console(stderr=stderr)
+    return con if con.is_terminal else Console(stderr=stderr, width=max(con.width, 160))
 
 
 @contextmanager

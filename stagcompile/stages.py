@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from stagcompile.analysis import report
 from stagcompile.config import StagConfig, load_config, preset
 from stagcompile.errors import StagError
+from stagcompile.progress import table_console
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -62,7 +62,7 @@ def _mib(n: float) -> str:
 
 
 def print_inspect(rep: dict) -> None:
-    con = Console()
+    con = table_console()
     cfg = rep["config"]
     t = Table(title=f"config of {rep['path']}", show_header=False)
     for k, v in cfg.items():

@@ -273,9 +273,10 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
 
 
 def print_report(report: Report) -> None:
-    from rich.console import Console
     from rich.table import Table
-    con = Console()
+
+    from stagcompile.progress import table_console
+    con = table_console()
     t = Table(title=f"validation of {report.bundle} ({report.dtype}, atol {report.atol}, "
                     f"rtol {report.rtol})")
     for col in ("backend", "stack", "steps", "outputs", "max |err|", "worst at", "verdict"):

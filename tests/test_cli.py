@@ -37,6 +37,9 @@ def test_init_then_inspect(tiny_ckpt):
     assert 1.0 < rep["ideal_staggered_speedup"] <= 3.0
     text = run("inspect", tiny_ckpt).stdout
     assert "ideal staggered speedup" in text and "KV cache" in text
+    # piped output is not cut to 80 columns: every number appears whole
+    assert "\u2026" not in text and "weight bytes/token" in text
+    assert f"{rep['stacks'][0]['params_owned']:,}" in text
 
 
 def test_errors_are_one_line(tmp_path, tiny_ckpt):
