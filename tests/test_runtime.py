@@ -193,6 +193,9 @@ def test_run_command_streams_and_reports(bundle_root):
     bad = subprocess.run([exe, "run", str(path), "--ids", "1,2,300"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "token ids must be in [0, 97)" in bad.stderr
+    empty = subprocess.run([exe, "run", str(path), "--ids", ""], capture_output=True, text=True,
+                           timeout=300)
+    assert empty.returncode == 1 and "give at least one token id per row" in empty.stderr
 
 
 @pytest.mark.parametrize("cfg", grouped([VARIANTS[-1], VARIANTS[4]]))

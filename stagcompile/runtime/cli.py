@@ -52,6 +52,8 @@ def _ids(args) -> np.ndarray:
         rows = [[int(x) for x in row.split(",") if x.strip()] for row in args.ids]
     except ValueError:
         raise ValueError(f"--ids {args.ids}: expected comma-separated integers") from None
+    if not all(rows):
+        raise ValueError(f"--ids {args.ids}: give at least one token id per row")
     if len({len(r) for r in rows}) != 1:
         raise ValueError("every --ids row must have the same length")
     return np.array(rows, dtype=np.int64)

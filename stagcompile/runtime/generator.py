@@ -62,6 +62,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def _check_prompt(ids: np.ndarray) -> None:
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise ValueError(f"prompt ids must have shape [batch, tokens] with batch, tokens >= 1, "
+                         f"got {list(ids.shape)}")
+
+
 class Generator:
     def __init__(self, bundle: Bundle, backend, schedule: str):
         self.bundle = bundle
@@ -108,6 +114,7 @@ class Generator:
 
     # ---- generation ----------------------------------------------------------------------------
     def prefill(self, ids: np.ndarray) -> np.ndarray:
+        _check_prompt(ids)
         self.scheduler.start(ids.shape[0])
         return self.scheduler.prefill(ids)
 
@@ -118,8 +125,7 @@ class Generator:
                eos_id: int | None = None):
         """Yield the next tokens [B] one step at a time (rows that hit EOS repeat EOS)."""
         ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"prompt ids must be [batch, tokens] with tokens >= 1, got {ids.shape}")
+        _check_prompt(ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         sampler = Sampler(sampling)
