@@ -32,8 +32,6 @@ import numpy as np
 
 from stagcompile.errors import StagError
 
-CHUNK = 256     # prefill chunk, the runtime's default too: bounds activation memory
-
 
 @dataclass
 class Runner:
@@ -105,6 +103,15 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
     return out
 
 
+def _prefill_from_start(dec, ids) -> None:
+    """Restart a CachedDecoder at position 0 and prefill `ids` in the runtime's chunks."""
+    from stagcompile.runtime.scheduler import PREFILL_CHUNK
+    dec.pos.zero_()
+    dec.pending = [None] * dec.cfg.num_stacks
+    for start in range(0, ids.shape[1], PREFILL_CHUNK):
+        dec.prefill(ids[:, start:start + PREFILL_CHUNK])
+
+
 def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int, capacity: int,
                    device: str = "cpu") -> list[Runner]:
     """The reference's cached decode, with the same cache capacity as the compiled bundle."""
@@ -124,10 +131,7 @@ def _torch_runners(checkpoint_dir: Path, prompt: np.ndarray, n_cores: int, capac
         dec = CachedDecoder(model, prompt.shape[0])
 
         def prefill(dec=dec):
-            dec.pos.zero_()
-            dec.pending = [None] * model.cfg.num_stacks
-            for start in range(0, ids.shape[1], CHUNK):
-                dec.prefill(ids[:, start:start + CHUNK])
+            _prefill_from_start(dec, ids)
 
         def seek(dec=dec):
             dec.pos.fill_(prompt.shape[1])
@@ -153,10 +157,7 @@ def _torch_gpu_runner(model, prompt: np.ndarray, device: str) -> list[Runner]:
     tok = torch.zeros(prompt.shape[0], dtype=torch.int64, device=device)
 
     def prefill():
-        dec.pos = torch.zeros(prompt.shape[0], dtype=torch.int64)
-        dec.pending = [None] * model.cfg.num_stacks
-        for start in range(0, ids.shape[1], CHUNK):
-            dec.prefill(ids[:, start:start + CHUNK])
+        _prefill_from_start(dec, ids)
         torch.cuda.synchronize()
 
     def step():

@@ -25,9 +25,9 @@ import numpy as np
 from stagcompile.errors import StagError
 from stagcompile.replay import Trace
 from stagcompile.runtime.bundle import Bundle, BundleError
+from stagcompile.runtime.ort_backend import BF16_UNSUPPORTED
 
 FLAVOUR_OF = {"ort-portable": "portable", "ort-plugin": "plugin", "onnx-reference": "portable"}
-NO_BF16_ORT = "bfloat16 graphs do not run on ONNX Runtime's CPU provider (no bfloat16 MatMul)"
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-2, 1e-2), "bfloat16": (1.5e-1, 2e-2)}
 
 
@@ -113,7 +113,7 @@ def available_backends(bundle: Bundle) -> tuple[dict, dict]:
             skipped[name] = f"the bundle has no {flavour} graphs"
             continue
         if bundle.dtype == "bfloat16":
-            skipped[name] = NO_BF16_ORT
+            skipped[name] = BF16_UNSUPPORTED
             if flavour == "portable":
                 skipped[name] += "; checked with ONNX's reference evaluator instead"
                 ready["onnx-reference"] = lambda: _reference_runners(bundle)
@@ -252,7 +252,11 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
             for st in trace.steps(dtype):
                 by_stack[dtype].setdefault(st.stack, []).append(st)
         return by_stack[dtype]
-    token_runs = [("ort", s) for s in ("staggered", "sequential") if bundle.dtype != "bfloat16"]
+    # the runtime's ONNX Runtime backend runs the portable graphs
+    token_runs = [("ort", s) for s in ("staggered", "sequential") if "ort-portable" in ready]
+    if not token_runs:
+        skipped["greedy tokens (ort)"] = ("the runtime's ONNX Runtime backend runs portable "
+                                          "graphs: " + skipped["ort-portable"])
     if "trt" in ready:
         token_runs += [("trt", "staggered"), ("trt", "sequential")]
     with progress(show_progress) as bar:

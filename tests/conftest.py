@@ -29,6 +29,7 @@ def variant_id(cfg) -> str:
 
 
 VARIANTS = variant_matrix()
+BF16_CFG = preset("tiny").replace(cross_window=4, self_window=8)   # the bf16 export tests' model
 
 
 def make_model(cfg, seed: int = 0):

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import bundle_for, grouped, make_model, variant_id, VARIANTS
+from conftest import BF16_CFG, bundle_for, grouped, make_model, variant_id, VARIANTS
 from plugins.ort_kernel import session_options
 from stagcompile import checkpoint
 from stagcompile.config import preset
@@ -30,9 +30,11 @@ def sessions(bundle: Bundle, flavour: str):
             for k in range(bundle.num_stacks)]
 
 
-def worst_difference(bundle_dir, flavour: str, dtype: str | None = None) -> float:
+def worst_difference(bundle_dir, flavour: str, dtype: str | None = None, sess=None) -> float:
+    """Largest |graph output - golden| over the trace; `sess` (one per stack, with ONNX
+    Runtime's `run(names, feeds)`) defaults to ONNX Runtime sessions of `flavour`."""
     bundle = Bundle.load(bundle_dir)
-    sess = sessions(bundle, flavour)
+    sess = sess or sessions(bundle, flavour)
     worst = 0.0
     steps = 0
     for st in load_trace(bundle_dir).steps(dtype):
@@ -116,9 +118,6 @@ def test_fp16_export_close_to_fp32_reference(bundle_root):
     assert worst < 5e-2, worst          # fp16 weights and caches; fp32 softmax, norms, logits
 
 
-BF16_CFG = preset("tiny").replace(cross_window=4, self_window=8)
-
-
 def test_bf16_export_types_and_reference_numerics(bundle_root):
     """bf16 graphs: bf16 weights and caches, fp32 softmax and logits, and (ONNX Runtime's CPU
     provider has no bf16 MatMul) ONNX's reference evaluator reproduces the golden trace."""
@@ -126,7 +125,6 @@ def test_bf16_export_types_and_reference_numerics(bundle_root):
     path, _ = bundle_for(bundle_root, BF16_CFG, dtype="bf16", flavour="portable")
     bundle = Bundle.load(path)
     assert bundle.dtype == "bfloat16"
-    worst = 0.0
     for k in range(bundle.num_stacks):
         model = onnx.shape_inference.infer_shapes(onnx.load(str(bundle.graph("portable", k + 1))))
         types = {v.name: v.type.tensor_type.elem_type
@@ -138,10 +136,7 @@ def test_bf16_export_types_and_reference_numerics(bundle_root):
         assert softmax_in and all(types[t] == onnx.TensorProto.FLOAT for t in softmax_in)
     sess = [ReferenceEvaluator(str(bundle.graph("portable", k + 1)))
             for k in range(bundle.num_stacks)]
-    for st in load_trace(path).steps("bfloat16"):
-        names = list(st.golden)
-        for name, value in zip(names, sess[st.stack - 1].run(names, st.feeds)):
-            worst = max(worst, float(np.abs(value.astype(np.float32) - st.golden[name]).max()))
+    worst = worst_difference(path, "portable", "bfloat16", sess)
     assert worst < 5e-2, worst
 
 

@@ -11,10 +11,11 @@ import sys
 import onnx
 import pytest
 
-from conftest import bundle_for, grouped, make_model, VARIANTS
+from conftest import BF16_CFG, bundle_for, grouped, make_model, VARIANTS
 from stagcompile import checkpoint
 from stagcompile.config import preset
 from stagcompile.errors import StagError
+from stagcompile.runtime import BundleError, Generator
 from stagcompile.runtime.bundle import sha256
 from stagcompile.validate import validate_bundle
 
@@ -82,13 +83,15 @@ def test_validate_bf16_with_the_onnx_reference_evaluator(bundle_root):
     """ONNX Runtime's CPU provider cannot run bf16 graphs: validation says so and checks the
     portable graphs with ONNX's reference evaluator; with no portable graphs, nothing can run
     here and the command says so and exits non-zero."""
-    cfg = preset("tiny").replace(cross_window=4, self_window=8)
+    cfg = BF16_CFG
     path, _ = bundle_for(bundle_root, cfg, dtype="bf16", flavour="portable")
     report = validate_bundle(path, show_progress=False)
     assert report.passed, [c.failure for c in report.checks]
     assert {c.backend for c in report.checks} == {"onnx-reference"}
     assert len(report.checks) == cfg.num_stacks and all(c.max_abs < 5e-2 for c in report.checks)
     assert "bfloat16" in report.skipped["ort-portable"]
+    with pytest.raises(BundleError, match=r"no bfloat16 MatMul\); use the trt backend"):
+        Generator.load(path)
 
     plugin_only, _ = bundle_for(bundle_root, cfg, dtype="bf16", flavour="plugin")
     report = validate_bundle(plugin_only, show_progress=False)
@@ -98,6 +101,16 @@ def test_validate_bf16_with_the_onnx_reference_evaluator(bundle_root):
     assert proc.returncode == 1
     assert "nothing could be validated on this machine" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_validate_plugin_only_bundle_skips_the_runtime_token_check(bundle_root):
+    """The runtime's ONNX Runtime backend runs portable graphs: a plugin-only bundle validates its
+    graphs with the plugin kernel and says why the end-to-end token check did not run."""
+    path, _ = bundle_for(bundle_root, BF16_CFG, flavour="plugin")
+    report = validate_bundle(path, show_progress=False)
+    assert report.passed, [c.failure for c in report.checks]
+    assert {c.backend for c in report.checks} == {"ort-plugin"} and not report.tokens
+    assert "portable graphs" in report.skipped["greedy tokens (ort)"]
 
 
 def test_validate_bad_bundles(bundle_root, tmp_path):

@@ -21,6 +21,9 @@ from .bundle import Bundle, BundleError
 from .host_state import HostState
 
 
+BF16_UNSUPPORTED = "bfloat16 graphs do not run on ONNX Runtime's CPU provider (no bfloat16 MatMul)"
+
+
 def session_options(threads: int, spinning: bool):
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -46,8 +49,8 @@ class OrtBackend:
             raise BundleError("the ort backend needs onnxruntime: pip install onnxruntime") \
                 from None
         if bundle.dtype == "bfloat16":
-            raise BundleError(f"{bundle.root}: bfloat16 graphs do not run on ONNX Runtime's CPU "
-                              "provider; use the trt backend, or export with --dtype fp32/fp16")
+            raise BundleError(f"{bundle.root}: {BF16_UNSUPPORTED}; use the trt backend, or "
+                              "export with --dtype fp32/fp16")
         self.bundle = bundle
         self.ios = [bundle.io(k + 1) for k in range(bundle.num_stacks)]
         per_stack = threads if isinstance(threads, list) else [threads] * bundle.num_stacks

@@ -20,6 +20,7 @@ import threading
 import numpy as np
 
 SCHEDULES = ("staggered", "sequential")
+PREFILL_CHUNK = 256     # tokens per prefill run: bounds a prefill's activation memory
 
 
 class CapacityError(Exception):
@@ -82,7 +83,8 @@ class Scheduler:
     """Runs a backend's stacks over one generation session."""
 
     def __init__(self, backend, schedule: str = "staggered", max_seq_len: int = 0,
-                 unbounded_length: bool = True, max_batch: int = 0, prefill_chunk: int = 256):
+                 unbounded_length: bool = True, max_batch: int = 0,
+                 prefill_chunk: int = PREFILL_CHUNK):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
         self.backend, self.schedule = backend, schedule
