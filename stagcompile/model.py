@@ -120,11 +120,16 @@ class StagFormer(nn.Module):
         return [cl.attn.key_value(h, tables) for cl in self.crosses[consumer - 1].layers]
 
     def null_entries(self, consumer: int, batch: int) -> list[KV]:
-        """Cross K/V of the null slot M[0] of `consumer`, [batch, Hkv, 1, D] per layer."""
+        """Cross K/V of the null slot M[0] of `consumer`, [batch, Hkv, 1, D] per layer.
+
+        Projected for one row and then broadcast, so that in an exported graph everything up to
+        the final Expand depends on weights only and is folded into constants (a decode step
+        does not re-project the null slot)."""
         cs = self.crosses[consumer - 1]
-        null = cs.null.to(self.embed.weight.dtype).expand(batch, 1, -1)       # [B, 1, d_model]
-        zero = self.rope(torch.zeros(batch, 1, dtype=torch.int64, device=null.device))
-        return [cl.attn.key_value(null, zero) for cl in cs.layers]
+        null = cs.null.to(self.embed.weight.dtype).view(1, 1, -1)              # [1, 1, d_model]
+        zero = self.rope(torch.zeros(1, 1, dtype=torch.int64, device=null.device))
+        return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))   # [B, Hkv, 1, D]
+                for k, v in (cl.attn.key_value(null, zero) for cl in cs.layers)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.norm_f(x).float(), self.embed.weight.float().t())  # [B, S, V]

@@ -60,3 +60,22 @@ def test_profile_step_accounts_for_every_part(bundle_root):
         assert rows[name] > 0, name
     slowest = max(rows[f"stack {k} run"] for k in (1, 2, 3))
     assert rows["step wall"] >= slowest
+
+
+def test_profile_graph_reports_every_stack(bundle_root):
+    """benchmarks/profile_graph.py times each stack graph against its weights-only floor and
+    breaks it down by op type from ONNX Runtime's profiler."""
+    path, _ = bundle_for(bundle_root, preset("tiny"))
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "profile_graph.py")
+    proc = subprocess.run([sys.executable, script, str(path), "--context", "8", "--runs", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    stacks = {row[0].strip(): [float(c) for c in row[1:]] for row in table
+              if row[0].strip() in ("1", "2")}
+    assert set(stacks) == {"1", "2"}
+    for nodes, full_ms, weights_ms, mb, *_ in stacks.values():
+        assert nodes > 10 and full_ms > 0 and weights_ms > 0 and mb > 0
+    ops = {row[0].strip(): [float(c) for c in row[1:]] for row in table
+           if row[0].strip() in ("MatMul", "total")}
+    assert all(v > 0 for v in ops["MatMul"]) and ops["total"][0] >= ops["MatMul"][0]

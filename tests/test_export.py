@@ -90,6 +90,30 @@ def test_manifest_and_graph_structure(bundle_root, cfg):
     assert len(bundle.manifest["files"]) > 2 * cfg.num_stacks
 
 
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+def test_null_slot_folds_to_constants(bundle_root, tmp_path, flavour):
+    """The producer's null entry M[0] depends on weights only: after ONNX Runtime's constant
+    folding no MatMul (no weight read) is left on its way to the cross_null outputs."""
+    path, _ = bundle_for(bundle_root, VARIANTS[4])
+    bundle = Bundle.load(path)
+    so = session_options() if flavour == "plugin" else ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "stack1.opt.onnx")
+    ort.InferenceSession(str(bundle.graph(flavour, 1)), so)
+    graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    nulls = [o.name for o in graph.output if o.name.startswith("cross_null.")]
+    assert nulls
+    ops, todo, seen = set(), list(nulls), set()
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            ops.add(node.op_type)
+            todo.extend(node.input)
+    assert ops and not ops & {"MatMul", "FusedMatMul", "Gemm"}, ops
+
+
 def test_shared_weights_named_in_manifest(bundle_root):
     cfg = preset("tiny").replace(num_stacks=3, shared_weights=True)
     path, _ = bundle_for(bundle_root, cfg)
