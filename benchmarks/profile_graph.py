@@ -106,18 +106,6 @@ def main() -> None:
     rng = np.random.default_rng(0)
     gen.prefill(rng.integers(0, bundle.config["vocab_size"], (args.batch, args.context)))
     backend.set_step(np.zeros(args.batch, np.int64), args.context)
-    st = backend.state
-
-    def binder(k):
-        def bind(sess):
-            io = sess.io_binding()
-            for name, arr in st.feeds(k, 0).items():
-                io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-            for name, arr in st.fetches(k, 0).items():
-                io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-            return io
-        return bind
-
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(bundle.num_stacks):
@@ -133,7 +121,8 @@ def main() -> None:
                         run()
                     times[key].append((time.perf_counter() - t0) / 20)
             ms = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
-            per_op, nodes = op_profile(path, binder(k), args.runs, Path(tmp))
+            per_op, nodes = op_profile(path, lambda sess: backend.bind(sess, k, 0), args.runs,
+                                       Path(tmp))
             rows.append((k + 1, nodes, ms["full"], ms["weights"], nbytes))
             profiles.append(per_op)
     gen.close()

@@ -79,17 +79,17 @@ class OrtBackend:
             self.state.rings.reset()
             return
         self.state = HostState(self.ios, batch)
-        self.bindings = []
-        for k, sess in enumerate(self.sessions):
-            per_parity = []
-            for parity in (0, 1):
-                io = sess.io_binding()
-                for name, arr in self.state.feeds(k, parity).items():
-                    io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-                for name, arr in self.state.fetches(k, parity).items():
-                    io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-                per_parity.append(io)
-            self.bindings.append(per_parity)
+        self.bindings = [[self.bind(sess, k, parity) for parity in (0, 1)]
+                         for k, sess in enumerate(self.sessions)]
+
+    def bind(self, sess, k: int, parity: int):
+        """An IOBinding of `sess` (stack k's graph) over the step buffers of `parity`."""
+        io = sess.io_binding()
+        for name, arr in self.state.feeds(k, parity).items():
+            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        for name, arr in self.state.fetches(k, parity).items():
+            io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        return io
 
     def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
         st = self.state
