@@ -17,11 +17,8 @@ RoPE, reshapes, per-node dispatch) costs on top of reading the weights.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from _args import parse
 from stagcompile.runtime.bundle import Bundle
 from stagcompile.runtime.generator import Generator, make_backend
 from stagcompile.runtime.ort_backend import session_options
@@ -93,13 +91,7 @@ def op_profile(graph: Path, bind, runs: int, work: Path) -> tuple[dict, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=1)
-    args = ap.parse_args()
-    print("$ python benchmarks/profile_graph.py " + shlex.join(sys.argv[1:]), flush=True)
+    args = parse(__doc__, ("--runs", 200))
     bundle = Bundle.load(args.bundle, verify=False)
     backend = make_backend(bundle, "ort", "sequential", [1] * bundle.num_stacks, False)
     gen = Generator(bundle, backend, "sequential")

@@ -11,14 +11,11 @@ part's share of the step.
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from _args import parse
 from stagcompile.runtime.bundle import Bundle
 from stagcompile.runtime.generator import Generator, make_backend
 from stagcompile.runtime.sampling import Sampler, Sampling
@@ -41,13 +38,7 @@ def instrument(backend, timings: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=1)
-    args = ap.parse_args()
-    print("$ python benchmarks/profile_step.py " + shlex.join(sys.argv[1:]), flush=True)
+    args = parse(__doc__, ("--steps", 200))
     bundle = Bundle.load(args.bundle, verify=False)
     p = bundle.num_stacks
     backend = make_backend(bundle, "ort", "staggered", [1] * p, False)

@@ -35,6 +35,8 @@ def ring_commit(ring: torch.Tensor, new: torch.Tensor, pos: torch.Tensor) -> Non
 class CachedDecoder:
     """Explicit caches for one generation session of `batch` rows."""
 
+    null_at_decode = False      # only position 0 reads the null slot: decode steps skip it
+
     def __init__(self, model: StagFormer, batch: int, recurrent: bool = False):
         cfg = model.cfg
         if recurrent and not (cfg.shared_weights and cfg.num_stacks == 2):
@@ -53,10 +55,10 @@ class CachedDecoder:
         self.pending: list[list[KV] | None] = [None] * cfg.num_stacks
         self.pos = torch.zeros(batch, dtype=torch.int64)
 
-    def run_stack(self, k: int, ids, pos, cross_in, emit_for=None):
+    def run_stack(self, k: int, ids, pos, cross_in, emit_for=None, with_null=True):
         """One stack over the committed caches (the golden-trace recorder hooks here)."""
         return self.model.stack_step(k, ids, pos, self.self_cache[k], self.cross_cache[k],
-                                     cross_in, emit_for=emit_for)
+                                     cross_in, emit_for=emit_for, with_null=with_null)
 
     def _commit(self, k: int, out, cross_in, pos: torch.Tensor) -> None:
         for ring, new in zip(self.self_cache[k], out.new_self):
@@ -101,7 +103,8 @@ class CachedDecoder:
         outs, ins = {}, {}
         for k in stacks:           # every stack reads only committed state: order is irrelevant
             ins[k] = self.pending[k] if k > 0 else None
-            outs[k] = self.run_stack(k, ids, pos, ins[k], emit_for=1 if self.recurrent else None)
+            outs[k] = self.run_stack(k, ids, pos, ins[k], emit_for=1 if self.recurrent else None,
+                                     with_null=self.null_at_decode)
         for k in stacks:
             self._commit(k, outs[k], ins[k], pos)
             if outs[k].cross_out is not None:

@@ -27,13 +27,15 @@ def _named(io_table, values: dict) -> dict:
 
 
 class _Recorder(CachedDecoder):
+    null_at_decode = True       # a graph emits every output at every step: record them all
+
     def __init__(self, model: StagFormer, batch: int):
         super().__init__(model, batch)
         self.steps: list[dict] = []
         self.ios = [stack_io(model.cfg, k, "float32") for k in range(model.cfg.num_stacks)]
 
-    def run_stack(self, k, ids, pos, cross_in, emit_for=None):
-        out = super().run_stack(k, ids, pos, cross_in, emit_for)
+    def run_stack(self, k, ids, pos, cross_in, emit_for=None, with_null=True):
+        out = super().run_stack(k, ids, pos, cross_in, emit_for, with_null)
         vals = {"input_ids": ids, "pos": pos}
         for role, pairs in (("cross_in", cross_in), ("new_self", out.new_self),
                             ("cross_out", out.cross_out), ("cross_null", out.cross_null)):

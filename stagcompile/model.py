@@ -184,14 +184,16 @@ class StagFormer(nn.Module):
     # ---- (c) one stack over explicit caches ------------------------------------------------
     def stack_step(self, k: int, ids: torch.Tensor, pos: torch.Tensor, self_cache: list[KV],
                    cross_cache: list[KV] | None = None, cross_in: list[KV] | None = None,
-                   emit_for: int | None = None) -> StackOutputs:
+                   emit_for: int | None = None, with_null: bool = True) -> StackOutputs:
         """Run stack k on tokens `ids` [B, S] at positions pos .. pos+S-1 (pos [B]).
 
         self_cache: per layer (K, V) rings [B, Hkv, C_self, D] holding positions < pos.
         cross_cache / cross_in (stack k > 0): per layer rings of M entries < pos and the new
         entries M[pos .. pos+S-1] [B, Hkv, S, D].
         emit_for: the consumer whose cross entries this stack produces (default k + 1 when a
-        next stack exists; 1 for recurrent decoding of a shared-weight P = 2 model)."""
+        next stack exists; 1 for recurrent decoding of a shared-weight P = 2 model).
+        with_null: also return the consumer's null entry M[0] (a graph always emits it; a cached
+        decode step, which never reads it, skips it)."""
         cfg = self.cfg
         b, s = ids.shape
         positions = pos[:, None] + torch.arange(s, device=ids.device)[None, :]    # [B, S]
@@ -214,7 +216,7 @@ class StagFormer(nn.Module):
         if emit_for is not None:
             producer = emit_for - 1
             out.cross_out = self.memory_entries(x, producer, emit_for, self.rope(positions + 1))
-            out.cross_null = self.null_entries(emit_for, b)
+            out.cross_null = self.null_entries(emit_for, b) if with_null else None
         if k == cfg.num_stacks - 1:
             out.logits = self.logits(x)
         return out

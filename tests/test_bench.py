@@ -79,3 +79,19 @@ def test_profile_graph_reports_every_stack(bundle_root):
     ops = {row[0].strip(): [float(c) for c in row[1:]] for row in table
            if row[0].strip() in ("MatMul", "total")}
     assert all(v > 0 for v in ops["MatMul"]) and ops["total"][0] >= ops["MatMul"][0]
+
+
+def test_compare_bundles_measures_every_configuration_of_each(bundle_root, tmp_path):
+    """benchmarks/compare_bundles.py runs bench's runners for two bundles in one set of rounds."""
+    path, _ = bundle_for(bundle_root, preset("tiny"))
+    copy = shutil.copytree(path, tmp_path / "copy")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_bundles.py")
+    proc = subprocess.run([sys.executable, script, str(path), str(copy), "--context", "8",
+                           "--iters", "2", "--rounds", "2", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| configuration")}
+    assert {"sequential 1t", "staggered 1+1", "stack 1 alone", "stack 2 alone"} <= set(rows)
+    for first, second in rows.values():
+        assert float(first) > 0 and float(second.split()[0]) > 0 and second.strip().endswith("x)")

@@ -107,6 +107,25 @@ def test_naive_and_cached_generate_agree(num_stacks):
                                rtol=0)
 
 
+def test_cached_decode_projects_the_null_slot_only_in_prefill(monkeypatch):
+    """Only position 0 reads the null slot M[0]: prefill projects it once per consumer, a
+    decode step never (the golden-trace recorder, which must emit every graph output, does)."""
+    from stagcompile.golden import record
+    cfg = preset("tiny").replace(num_stacks=3)
+    model = make_model(cfg)
+    calls = []
+    original = model.null_entries
+    monkeypatch.setattr(model, "null_entries", lambda *a: calls.append(a) or original(*a))
+    dec = CachedDecoder(model, 2)
+    dec.prefill(torch.zeros(2, 5, dtype=torch.int64))
+    assert [c[0] for c in calls] == [1, 2]
+    for _ in range(4):
+        dec.step(torch.zeros(2, dtype=torch.int64))
+    assert len(calls) == 2
+    steps, _ = record(model, torch.zeros(1, 5, dtype=torch.int64).numpy(), 3)
+    assert all("cross_null.k.0" in st[1]["outputs"] for st in steps)
+
+
 def test_unbounded_model_stops_at_max_seq_len():
     cfg = preset("tiny").replace(max_seq_len=8)
     dec = CachedDecoder(StagFormer(cfg), 1)
