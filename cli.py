@@ -62,6 +62,21 @@ def init(preset: str = typer.Option(..., "--preset", "-p", help="tiny, demo, sma
     console.print(f"wrote {path}")
 
 
+@app.command("import-hf")
+@stage
+def import_hf(folder: Path = typer.Argument(..., help="Local Hugging Face Llama or Mistral folder "
+                                            "(config.json, model.safetensors, tokenizer.json)."),
+              output: Path = typer.Option(..., "--output", "-o", help="Checkpoint folder to write."),
+              restack: Optional[int] = typer.Option(None, help="Split the layers into P stacks "
+                                                    "of a StagFormer (cross-attention starting "
+                                                    "as a no-op), for fine-tuning."),
+              force: bool = typer.Option(False, help="Replace an existing checkpoint folder.")):
+    """Turn a Hugging Face Llama into a checkpoint (P = 1, or restacked into P stacks)."""
+    from stagcompile.hf import import_hf as run_import
+    path = run_import(folder, output, restack, force)
+    console.print(f"wrote {path}")
+
+
 @app.command()
 @stage
 def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (or a bundle)."),
@@ -79,6 +94,8 @@ def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (or a
 
 
 class Flavour(str, Enum):
+    all = "all"
+    ort = "ort"
     portable = "portable"
     plugin = "plugin"
     both = "both"
@@ -89,8 +106,11 @@ class Flavour(str, Enum):
 def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (config.json, "
                                              "model.safetensors[, tokenizer.json])."),
            output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
-           flavour: Flavour = typer.Option(Flavour.both, help="portable: standard ONNX ops only; "
-                                           "plugin: one stagformer attention node per call."),
+           flavour: Flavour = typer.Option(Flavour.all, help="ort: ONNX Runtime's contrib ops, "
+                                           "caches updated in place (the fast CPU path); "
+                                           "portable: standard ONNX ops only; plugin: one "
+                                           "stagformer attention node per call (TensorRT); "
+                                           "both: portable + plugin; all: the three."),
            dtype: Dtype = typer.Option(Dtype.fp32, help="Weight, activation and cache dtype "
                                        "(softmax, norms and logits stay fp32)."),
            max_seq_len: Optional[int] = typer.Option(None, help="Cache capacity for unbounded "
@@ -129,6 +149,9 @@ def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
                                           "step at once; sequential: one after another."),
         threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads per "
                                               "stack (default: 1 staggered, all cores sequential)."),
+        flavour: Optional[str] = typer.Option(None, help="Graphs the ort backend runs: ort, "
+                                              "portable or plugin (default: ort when the bundle "
+                                              "has them)."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
         top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
@@ -142,7 +165,8 @@ def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
     for flag, values in (("--prompt", prompt), ("--ids", ids)):
         for v in values:
             argv += [flag, v]
-    for flag, value in (("--threads", threads), ("--seed", seed), ("--eos-id", eos_id)):
+    for flag, value in (("--threads", threads), ("--seed", seed), ("--eos-id", eos_id),
+                        ("--flavour", flavour)):
         if value is not None:
             argv += [flag, str(value)]
     if not prompt and not ids:
@@ -195,7 +219,8 @@ def validate(bundle: Path = typer.Argument(..., help="Bundle folder."),
 @stage
 def compile_(checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
              output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
-             flavour: Flavour = typer.Option(Flavour.both, help="Graph flavours to export."),
+             flavour: Flavour = typer.Option(Flavour.all, help="Graph flavours to export "
+                                             "(see `export --help`)."),
              dtype: Dtype = typer.Option(Dtype.fp32, help="Weight/cache dtype."),
              max_seq_len: Optional[int] = typer.Option(None, help="Cache capacity for unbounded "
                                                        "attention (default: the config's)."),
@@ -269,6 +294,11 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
           spinning: bool = typer.Option(False, help="Let idle ONNX Runtime threads spin."),
           torch_baseline: bool = typer.Option(True, "--torch/--no-torch",
                                               help="Include PyTorch eager cached decode."),
+          flavour: str = typer.Option("ort", help="Graphs the ONNX Runtime runs: ort (contrib "
+                                      "ops, the default) or portable."),
+          peer: Optional[str] = typer.Option(None, help="ortgenai: also time ONNX Runtime "
+                                             "GenAI's model of the P = 1 baseline's weights "
+                                             "(needs stagcompile[peer]; batch 1)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Write a bar chart (PNG).")):
     """Staggered vs sequential vs a P = 1 baseline vs PyTorch eager, side by side."""
@@ -277,7 +307,7 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
     from stagcompile.bench_report import print_report, write_json
     res = run_bench(checkpoint, preset, _ints("--batch", batch), _ints("--context", context),
                     [w.strip() for w in window.split(",") if w.strip()], bounded_window, backend,
-                    iters, rounds, warmup, spinning, torch_baseline)
+                    iters, rounds, warmup, spinning, torch_baseline, flavour=flavour, peer=peer)
     print_report(res)
     if json_out:
         write_json(res, json_out)

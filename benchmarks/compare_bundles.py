@@ -29,7 +29,7 @@ def main() -> None:
         sys.exit(f"the bundles have different vocabularies {sorted(vocab)}: give bundles of "
                  "one model")
     prompt = np.random.default_rng(0).integers(0, vocab.pop(), (args.batch, args.context))
-    per_bundle = [_runtime_runners(b, prompt, "model", "ort", cores(), False, True)
+    per_bundle = [_runtime_runners(b, prompt, "model", "ort", cores(), False, True, args.flavour)
                   for b in args.bundles]
     measure([r for runners in per_bundle for r in runners], args.iters, args.rounds, args.warmup)
     medians = [{r.label: float(np.median(r.steps_s)) * 1e3 for r in runners}

@@ -2,10 +2,11 @@
 
     python benchmarks/export_sizes.py [--presets tiny small base] [--dtypes fp32 fp16]
 
-For each preset: a random checkpoint is exported (`stagcompile export`, both flavours), the wall
-time and the graph bytes are reported, and every stack graph is run by ONNX Runtime on the bundle's
-golden trace (prefill + decode steps) to report the largest absolute difference from the PyTorch
-reference, per flavour (the plugin flavour through the ONNX Runtime kernel, fp32 only).
+For each preset: a random checkpoint is exported (`stagcompile export`, all three flavours), the
+wall time and the graph bytes are reported, and every stack graph is run by ONNX Runtime on the
+bundle's golden trace (prefill + decode steps) to report the largest absolute difference from the
+PyTorch reference, per flavour (the plugin flavour through the ONNX Runtime kernel, fp32 only;
+the ort flavour through `stagcompile.ort_replay`, which maps its layout to the trace's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from stagcompile import checkpoint
 from stagcompile.config import preset
 from stagcompile.export import export_bundle
 from stagcompile.model import StagFormer
-from stagcompile.replay import load_trace
+from stagcompile.ort_replay import OrtReplay
+from stagcompile.replay import Trace, load_trace
 from stagcompile.runtime.bundle import Bundle
 
 
@@ -37,6 +39,15 @@ def worst(bundle_dir: Path, flavour: str) -> float:
     sess = [ort.InferenceSession(str(bundle.graph(flavour, k + 1)), so)
             for k in range(bundle.num_stacks)]
     err = 0.0
+    if flavour == "ort":
+        replay = OrtReplay(bundle, Trace(bundle))
+        for st in replay.steps(bundle.dtype):
+            names = [o.name for o in sess[st.stack - 1].get_outputs()]
+            got = replay.to_golden(st.stack, st.feeds,
+                                   dict(zip(names, sess[st.stack - 1].run(names, st.feeds))))
+            for n, want in st.golden.items():
+                err = max(err, float(np.abs(got[n].astype(np.float32) - want).max()))
+        return err
     for st in load_trace(bundle_dir).steps(bundle.dtype):
         names = list(st.golden)
         for n, v in zip(names, sess[st.stack - 1].run(names, st.feeds)):
@@ -51,8 +62,9 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=256)
     args = ap.parse_args()
     print("$ python benchmarks/export_sizes.py " + shlex.join(sys.argv[1:]))
-    print(f"{'preset':6} {'dtype':5} {'params':>11} {'export s':>9} {'portable MiB':>13} "
-          f"{'plugin MiB':>11} {'max|err| portable':>18} {'max|err| plugin':>16}")
+    print(f"{'preset':6} {'dtype':5} {'params':>11} {'export s':>9} {'ort MiB':>8} "
+          f"{'portable MiB':>13} {'plugin MiB':>11} {'max|err| ort':>13} "
+          f"{'max|err| portable':>18} {'max|err| plugin':>16}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
             model = StagFormer(preset(name))
@@ -61,13 +73,14 @@ def main() -> None:
             for dtype in args.dtypes:
                 out = Path(tmp) / f"{name}-{dtype}"
                 t0 = time.perf_counter()
-                export_bundle(ck, out, "both", dtype, args.max_seq_len, 8, show_progress=False)
+                export_bundle(ck, out, "all", dtype, args.max_seq_len, 8, show_progress=False)
                 secs = time.perf_counter() - t0
                 sizes = {fl: sum(p.stat().st_size for p in (out / "graphs" / fl).iterdir()) / 2**20
-                         for fl in ("portable", "plugin")}
+                         for fl in ("ort", "portable", "plugin")}
                 plug = worst(out, "plugin") if dtype == "fp32" else float("nan")
-                print(f"{name:6} {dtype:5} {params:11,} {secs:9.1f} {sizes['portable']:13.1f} "
-                      f"{sizes['plugin']:11.1f} {worst(out, 'portable'):18.2e} {plug:16.2e}",
+                print(f"{name:6} {dtype:5} {params:11,} {secs:9.1f} {sizes['ort']:8.1f} "
+                      f"{sizes['portable']:13.1f} {sizes['plugin']:11.1f} "
+                      f"{worst(out, 'ort'):13.2e} {worst(out, 'portable'):18.2e} {plug:16.2e}",
                       flush=True)
 
 

@@ -2,8 +2,8 @@
 
     python benchmarks/profile_graph.py BUNDLE [--context 128] [--runs 200] [--batch 1]
 
-For each stack of an exported bundle (portable flavour, one intra-op thread, the stack's decode
-step after a prefill of `--context` tokens):
+For each stack of an exported bundle (the runtime's flavour unless --flavour says otherwise, one
+intra-op thread, the stack's decode step after a prefill of `--context` tokens):
 
 - full graph: median wall time of `run_with_iobinding` on the runtime's own bound buffers;
 - weights only: a graph of just the stack's weight MatMuls (every MatMul whose second input is an
@@ -93,7 +93,8 @@ def op_profile(graph: Path, bind, runs: int, work: Path) -> tuple[dict, int]:
 def main() -> None:
     args = parse(__doc__, ("--runs", 200))
     bundle = Bundle.load(args.bundle, verify=False)
-    backend = make_backend(bundle, "ort", "sequential", [1] * bundle.num_stacks, False)
+    backend = make_backend(bundle, "ort", "sequential", [1] * bundle.num_stacks, False,
+                           args.flavour)
     gen = Generator(bundle, backend, "sequential")
     rng = np.random.default_rng(0)
     gen.prefill(rng.integers(0, bundle.config["vocab_size"], (args.batch, args.context)))
@@ -101,7 +102,7 @@ def main() -> None:
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(bundle.num_stacks):
-            path = bundle.graph("portable", k + 1)
+            path = bundle.graph(backend.flavour, k + 1)
             mm, feeds, nbytes = weights_only(optimized(path, Path(tmp)), args.batch)
             full = backend.sessions[k]
             times = {"full": [], "weights": []}

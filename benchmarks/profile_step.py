@@ -41,7 +41,7 @@ def main() -> None:
     args = parse(__doc__, ("--steps", 200))
     bundle = Bundle.load(args.bundle, verify=False)
     p = bundle.num_stacks
-    backend = make_backend(bundle, "ort", "staggered", [1] * p, False)
+    backend = make_backend(bundle, "ort", "staggered", [1] * p, False, args.flavour)
     timings: dict[str, list[float]] = {f"stack {k + 1} {part}": [] for k in range(p)
                                        for part in ("run", "commit")}
     instrument(backend, timings)
@@ -73,7 +73,8 @@ def main() -> None:
     slowest = np.max([us[f"stack {k + 1} run"] + us[f"stack {k + 1} commit"] for k in range(p)], 0)
     us["barrier + dispatch"] = us["step wall"] - slowest
     total = np.median(us["set_step"] + us["step wall"] + us["sampling"])
-    print(f"\n{args.bundle.name}: batch {args.batch}, context {args.context}, staggered "
+    print(f"\n{args.bundle.name} ({backend.flavour} graphs): batch {args.batch}, context "
+          f"{args.context}, staggered "
           f"{'+'.join(['1'] * p)} threads, {args.steps} steps\n")
     print("| part | median us | share of step |")
     print("|---|---|---|")

@@ -8,6 +8,8 @@ p90) and prefill throughput of:
     baseline    a P = 1 model of the same total depth and width, compiled by stagcompile,
                 1 or all intra-op threads
     torch       the PyTorch reference's cached decode (eager), 1 or all threads
+    peer        with `--peer ortgenai`: ONNX Runtime GenAI's own model of the baseline's weights
+                (its model builder, fp32), 1 or all threads, batch 1 (`stagcompile.peer`)
     stack k     each stack of the staggered bundle alone: the ideal staggered step is the
                 slowest of them, efficiency = ideal / measured staggered step
 
@@ -60,7 +62,8 @@ def thread_splits(n_stacks: int, n_cores: int) -> list[tuple]:
 
 
 def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend: str,
-                     n_cores: int, spinning: bool, stacks_alone: bool) -> list[Runner]:
+                     n_cores: int, spinning: bool, stacks_alone: bool,
+                     flavour: str | None = None) -> list[Runner]:
     """Runners over one bundle: every schedule and (ONNX Runtime) thread setting worth trying."""
     from stagcompile.runtime.bundle import Bundle
     from stagcompile.runtime.generator import Generator, make_backend
@@ -71,8 +74,8 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
     out = []
 
     def make(label, kind, schedule, threads):
-        gen = Generator(bundle, make_backend(bundle, backend, schedule, list(threads), spinning),
-                        schedule)
+        gen = Generator(bundle, make_backend(bundle, backend, schedule, list(threads), spinning,
+                                             flavour if backend == "ort" else None), schedule)
         r = Runner(label, kind, tuple(threads), prefill=lambda: gen.prefill(prompt),
                    step=lambda: gen.step(tok), seek=lambda: gen.scheduler.seek(ctx))
         r.generator = gen
@@ -100,6 +103,17 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
                 sched.backend.sync()
             out.append(Runner(f"stack {k + 1} alone", "stack", (1,), prefill=alone.prefill,
                               step=one, seek=alone.seek))
+    return out
+
+
+def _peer_runners(folder: Path, prompt: np.ndarray, n_cores: int, spinning: bool,
+                  max_new: int) -> list[Runner]:
+    from stagcompile.peer import PeerSession
+    out = []
+    for t in sorted({1, n_cores}):
+        ps = PeerSession(folder, prompt, t, spinning, max_new)
+        out.append(Runner(f"ortgenai {t}t", "peer", (t,), prefill=ps.prefill, step=ps.step,
+                          seek=ps.restart))
     return out
 
 
@@ -229,7 +243,8 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
               batches=(1, 8), contexts=(128, 1024), windows=("unbounded", "bounded"),
               bounded: int = 32, backend: str = "ort", iters: int = 20, rounds: int = 5,
               warmup: int = 3, spinning: bool = False, include_torch: bool = True,
-              work_dir: Path | None = None, show_progress: bool = True) -> dict:
+              work_dir: Path | None = None, show_progress: bool = True,
+              flavour: str = "ort", peer: str | None = None) -> dict:
     from stagcompile.bench_report import summarise
     from stagcompile.config import load_config
     from stagcompile.export import export_bundle
@@ -239,6 +254,13 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
         raise StagError("give a CHECKPOINT or --preset NAME (not both)")
     if backend not in ("ort", "trt"):
         raise StagError(f"--backend {backend}: expected ort or trt")
+    if flavour not in ("ort", "portable"):
+        raise StagError(f"--flavour {flavour}: expected ort or portable")
+    if peer not in (None, "ortgenai"):
+        raise StagError(f"--peer {peer}: expected ortgenai")
+    if peer:
+        from stagcompile.peer import check_available
+        check_available()
     if backend == "trt":
         from stagcompile.compile import can_build
         ok, why = can_build()
@@ -253,7 +275,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
     n_cores = cores()
     tmp = tempfile.TemporaryDirectory(prefix="stagbench-") if work_dir is None else None
     work = Path(tmp.name if tmp else work_dir)
-    rows, margin = [], warmup + iters + 2
+    rows, margin, peer_check = [], warmup + iters + 2, None
     try:
         with progress(show_progress) as bar:
             task = bar.add_task("compile", total=len(windows) * len(contexts) + len(contexts))
@@ -263,21 +285,31 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
                 for ctx in contexts:
                     bar.update(task, description=f"export {variant}, context {ctx}")
                     out = work / f"bundle-{variant}-{ctx}"
-                    export_bundle(ck, out, "both" if backend == "trt" else "portable", "fp32",
+                    export_bundle(ck, out, "both" if backend == "trt" else flavour, "fp32",
                                   ctx + margin, max(batches), force=True, show_progress=False)
                     if backend == "trt":
                         from stagcompile.build import build_engines
                         build_engines(out, max_prefill=ctx, show_progress=False)
                     bundles[variant, ctx] = out
                     bar.advance(task)
+            peer_dir = None
+            if peer:
+                from stagcompile.peer import build_peer
+                bar.update(task, description="ONNX Runtime GenAI's builder (peer)")
+                peer_dir = build_peer(ckpts["baseline"], work / "peer")
             vocab = load_config(ckpts["baseline"]).vocab_size
+            if peer_dir is not None:
+                from stagcompile.peer import same_greedy_tokens
+                peer_check = same_greedy_tokens(peer_dir, bundles["baseline", contexts[0]], vocab)
             cells = list(itertools.product(batches, contexts, windows))
             for b, ctx, w in cells:
                 prompt = np.random.default_rng(0).integers(0, vocab, (b, ctx)).astype(np.int64)
                 runners = (_runtime_runners(bundles[w, ctx], prompt, w, backend, n_cores,
-                                            spinning, True)
+                                            spinning, True, flavour)
                            + _runtime_runners(bundles["baseline", ctx], prompt, "baseline",
-                                              backend, n_cores, spinning, False))
+                                              backend, n_cores, spinning, False, flavour))
+                if peer_dir is not None and b == 1:
+                    runners += _peer_runners(peer_dir, prompt, n_cores, spinning, margin)
                 if include_torch:
                     runners += _torch_runners(ckpts[w], prompt, n_cores, ctx + margin,
                                               "cuda" if backend == "trt" else "cpu")
@@ -302,5 +334,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
             tmp.cleanup()
     meta = {"checkpoint": str(checkpoint) if checkpoint else None, "preset": preset_name,
             "backend": backend, "cores": n_cores, "iters": iters, "rounds": rounds,
-            "warmup": warmup, "spinning": spinning, "bounded_window": bounded}
+            "warmup": warmup, "spinning": spinning, "bounded_window": bounded,
+            "flavour": flavour if backend == "ort" else None, "peer": peer,
+            "peer_tokens": peer_check}
     return summarise(meta, rows)

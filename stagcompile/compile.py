@@ -32,7 +32,7 @@ def can_build() -> tuple[bool, str]:
     return True, ""
 
 
-def compile_checkpoint(checkpoint: Path, output: Path, flavour: str = "both", dtype: str = "fp32",
+def compile_checkpoint(checkpoint: Path, output: Path, flavour: str = "all", dtype: str = "fp32",
                        max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
                        build: bool = True, show_progress: bool = True) -> dict:
     from stagcompile.export import export_bundle

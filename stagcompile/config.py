@@ -10,7 +10,7 @@ Named presets:
 
 | preset | use | shape |
 |---|---|---|
-| tiny  | tests | d 32, 4 heads (2 kv), 2 x 2 layers, vocab 97 |
+| tiny  | tests | d 64, 4 heads (2 kv), head_dim 16, 2 x 2 layers, vocab 97 |
 | demo  | the shipped checkpoint | d 192, 4 heads, 2 x 2 layers, vocab 4096 |
 | small | benchmarks | d 512, 8 heads, 2 x 4 layers, vocab 4096 |
 | base  | benchmarks | d 768, 12 heads, 2 x 6 layers, vocab 32000 (about GPT-2 small) |
@@ -48,6 +48,7 @@ class StagConfig:
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    tie_embeddings: bool = True     # False: a separate LM head `lm_head.weight` (imported models)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -173,7 +174,7 @@ _FIELD_TYPES = {
     "vocab_size": int, "d_model": int, "n_heads": int, "n_kv_heads": int, "d_ff": int,
     "num_stacks": int, "layers_per_stack": int, "shared_weights": bool,
     "cross_window": "optional int", "self_window": "optional int", "max_seq_len": int,
-    "rope_theta": float, "norm_eps": float,
+    "rope_theta": float, "norm_eps": float, "tie_embeddings": bool,
 }
 
 
@@ -215,7 +216,7 @@ def _parse_value(name: str, raw: str) -> Any:
 
 
 PRESETS: dict[str, StagConfig] = {
-    "tiny": StagConfig(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+    "tiny": StagConfig(vocab_size=97, d_model=64, n_heads=4, n_kv_heads=2, d_ff=64,
                        num_stacks=2, layers_per_stack=2, max_seq_len=64),
     "demo": StagConfig(vocab_size=4096, d_model=192, n_heads=4, n_kv_heads=4, d_ff=512,
                        num_stacks=2, layers_per_stack=2, max_seq_len=256),

@@ -26,7 +26,9 @@ from stagcompile.progress import progress
 from stagcompile.runtime.bundle import FORMAT, MANIFEST, MANIFEST_VERSION, sha256
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-FLAVOUR_CHOICES = {"portable": ("portable",), "plugin": ("plugin",), "both": ("portable", "plugin")}
+FLAVOUR_CHOICES = {"all": ("portable", "plugin", "ort"), "portable": ("portable",),
+                   "plugin": ("plugin",), "ort": ("ort",), "both": ("portable", "plugin")}
+TRACED = ("portable", "plugin")       # traced from the reference; `ort` is built from weights
 
 
 def check_options(flavour: str, dtype: str, max_batch: int, max_seq_len: int | None) -> None:
@@ -69,7 +71,45 @@ def _shared_weights(model) -> dict:
             "shared": shared}
 
 
-def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "both", dtype: str = "fp32",
+def ort_unsupported(cfg, dtype: str) -> str | None:
+    """Why the ort flavour cannot express this model (None when it can)."""
+    if dtype == "bfloat16":
+        return ("ONNX Runtime's CPU provider has no bfloat16 kernels; export fp32 or fp16 for "
+                "the ort flavour")
+    if cfg.head_dim % 16:
+        return (f"ONNX Runtime's GroupQueryAttention needs a head_dim that is a multiple of 16, "
+                f"this model has {cfg.head_dim}; the portable graphs serve ONNX Runtime instead")
+    return None
+
+
+def ort_manifest(cfg, ios) -> dict:
+    """What the ort flavour's graphs do differently, and why (manifest section `ort`)."""
+    from graphs.io import ort_capacity
+    from graphs.ort_stack import OPSET, rope_mode
+
+    def cache(window):
+        return {"capacity": ort_capacity(window, cfg.max_seq_len), "window": window,
+                "layout": ("GroupQueryAttention sliding-window cache: the latest positions "
+                           "contiguous from row 0, compacted by the op" if window else
+                           "linear: position p in row p")}
+
+    return {
+        "opset": OPSET,
+        "io": [io.to_dict() for io in ios],
+        "caches": {"self": cache(cfg.self_window), "cross": cache(cfg.cross_window),
+                   "updated": "in place by the graph that owns them (present.* outputs alias "
+                              "their inputs); the runtime commits nothing",
+                   "unbounded_length": cfg.unbounded_length},
+        "attention": "com.microsoft GroupQueryAttention (self and cross), "
+                     "local_window_size = window for bounded windows",
+        "rope": ("RotaryEmbedding with tables computed per step from pos (every attention is "
+                 "windowed, so positions may pass max_seq_len)" if rope_mode(cfg) == "step" else
+                 "inside GroupQueryAttention with cos/sin tables of max_seq_len positions"),
+        "logits": "last position only, [batch, 1, vocab]",
+    }
+
+
+def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtype: str = "fp32",
                   max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
                   show_progress: bool = True, golden_batch: int = 2) -> Path:
     check_options(flavour, dtype, max_batch, max_seq_len)
@@ -78,25 +118,43 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "both", dty
     from graphs.io import stack_io
     from stagcompile import checkpoint, golden
     from stagcompile.codegen import write_runtime
-    from stagcompile.onnx_export import OPSET, check, portable, save, trace_stack
+    from stagcompile.onnx_export import (OPSET, check, portable, save, save_ort_stack,
+                                         trace_stack)
 
     model = checkpoint.load(checkpoint_dir, dtype=torch.float32)
     if max_seq_len is not None:
         model.cfg = model.cfg.replace(max_seq_len=max_seq_len)
     cfg, flavours, dt = model.cfg, FLAVOUR_CHOICES[flavour], DTYPES[dtype]
+    ort_skipped = ort_unsupported(cfg, dt)
+    if ort_skipped and flavour == "ort":
+        raise StagError(f"--flavour ort: {ort_skipped}")
+    if ort_skipped:
+        flavours = tuple(f for f in flavours if f != "ort")
     export_model = model if dt == "float32" else copy.deepcopy(model).to(getattr(torch, dt))
     output = Path(output)
     files: list[Path] = []
     graphs: dict[str, list] = {f: [] for f in flavours}
     with atomic_dir(output, force, "bundle") as tmp, progress(show_progress) as bar:
         task = bar.add_task("export", total=cfg.num_stacks * len(flavours) + 2)
-        ios = []
+        ios, ort_ios = [], []
+        weights = {n: t.detach().float().numpy() for n, t in model.state_dict().items()}
         for k in range(cfg.num_stacks):
             io = stack_io(cfg, k, dt)
             ios.append(io)
+            if "ort" in flavours:
+                bar.update(task, description=f"build stack {k + 1}/{cfg.num_stacks} (ort)")
+                path = tmp / "graphs" / "ort" / f"stack{k + 1}.onnx"
+                written, ort_io = save_ort_stack(cfg, weights, k, dt, path)
+                ort_ios.append(ort_io)
+                files += written
+                graphs["ort"].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
+                                      "bytes": sum(f.stat().st_size for f in written)})
+                bar.advance(task)
+            if not set(flavours) & set(TRACED):
+                continue
             bar.update(task, description=f"trace stack {k + 1}/{cfg.num_stacks} (torch.onnx)")
             proto = trace_stack(export_model, k, dt, max_batch)
-            for fl in flavours:
+            for fl in (f for f in flavours if f in TRACED):
                 bar.update(task, description=f"write + check stack {k + 1} ({fl})")
                 path = tmp / "graphs" / fl / f"stack{k + 1}.onnx"
                 written = save(portable(proto) if fl == "portable" else proto, path)
@@ -105,6 +163,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "both", dty
                 graphs[fl].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
                                    "bytes": sum(f.stat().st_size for f in written)})
                 bar.advance(task)
+        if ort_skipped and flavour == "all":
+            bar.console.print(f"note: no ort graphs: {ort_skipped}", highlight=False)
         bar.update(task, description="golden trace (PyTorch reference)")
         prompt_len = max(2, min(8, cfg.max_seq_len // 4))
         steps = golden.default_steps(cfg)
@@ -141,6 +201,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "both", dty
                           "self_window": cfg.self_window or 0,
                           "cross_window": cfg.cross_window or 0, "scale": cfg.head_dim ** -0.5},
             "weights": _shared_weights(model),
+            "ort": (ort_manifest(cfg, ort_ios) if ort_ios else {"skipped": ort_skipped}
+                    if ort_skipped and "ort" in FLAVOUR_CHOICES[flavour] else None),
             "validation": {"trace": "validation/trace.npz", "batch": golden_batch,
                            "prompt_len": prompt_len, "steps": steps},
             "tokenizer": "tokenizer.json" if tok is not None else None,

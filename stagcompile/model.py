@@ -13,7 +13,8 @@ query i attends M[j] for i - cross_window < j <= i, each entry rotated by RoPE a
 Parameters (state-dict names): `embed.weight`; `trunks.{t}.layers.{l}.{attn_norm,attn.{wq,wk,wv,wo},
 mlp_norm,mlp.{w1,w2,w3}}` with one trunk per stack, or a single trunk with shared_weights;
 `crosses.{k-1}.layers.{l}.{norm,attn.*}` and `crosses.{k-1}.null` for consumer stack k;
-`mem_norms.{k}` for producer stack k; `norm_f.weight`.
+`mem_norms.{k}` for producer stack k; `norm_f.weight`; `lm_head.weight` only when the config
+has tie_embeddings=false (imported Hugging Face models with a separate head).
 
 Three ways to run it:
 (a) `forward(ids, targets)`: teacher-forced, stacks in order over the whole sequence;
@@ -57,6 +58,8 @@ class StagFormer(nn.Module):
         self.crosses = nn.ModuleList(CrossStack(cfg) for _ in range(p - 1))
         self.mem_norms = nn.ModuleList(RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(p - 1))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = (None if cfg.tie_embeddings
+                        else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -90,7 +93,7 @@ class StagFormer(nn.Module):
                 use += [n for n in names if n.startswith((f"mem_norms.{k}.", f"crosses.{k}."))
                         and ("wk" in n or "wv" in n or n.endswith("null") or "mem_norms" in n)]
             else:
-                use += ["norm_f.weight"]
+                use += ["norm_f.weight"] + ([] if self.cfg.tie_embeddings else ["lm_head.weight"])
             out[k] = sorted(set(use))
         return out
 
@@ -131,8 +134,12 @@ class StagFormer(nn.Module):
         return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))   # [B, Hkv, 1, D]
                 for k, v in (cl.attn.key_value(null, zero) for cl in cs.layers)]
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM head [V, d_model]: the embedding (tied) or `lm_head.weight`."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.norm_f(x).float(), self.embed.weight.float().t())  # [B, S, V]
+        return torch.matmul(self.norm_f(x).float(), self.head_weight().float().t())  # [B, S, V]
 
     # ---- (a) teacher-forced ----------------------------------------------------------------
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,

@@ -136,6 +136,20 @@ def save(proto: onnx.ModelProto, path: Path) -> list[Path]:
     return files
 
 
+def save_ort_stack(cfg, weights: dict, stack: int, dtype: str, path: Path):
+    """Build, write and check the ort-flavour graph of 0-based `stack`; returns (files, I/O)."""
+    import onnx_ir as ir
+
+    from graphs.ort_stack import OrtStackGraph
+
+    graph = OrtStackGraph(cfg, weights, stack, dtype)
+    proto = ir.serde.serialize_model(graph.build())
+    proto.doc_string = f"stagcompile stack {stack + 1} of {cfg.num_stacks} (ort flavour)"
+    written = save(proto, path)
+    check(path, graph.io)
+    return written, graph.io
+
+
 def check(path: Path, io_table) -> None:
     """onnx.checker with full checking and shape inference, and the I/O table's names/dtypes."""
     register_schema()

@@ -1,6 +1,7 @@
 """`stagcompile validate`: every backend available here against the PyTorch reference's golden trace.
 
     backend        what runs                                        when
+    ort            ONNX Runtime, contrib-op graphs (ort flavour)    ort graphs (fp32, fp16)
     ort-portable   ONNX Runtime, standard-op graphs                 always
     ort-plugin     ONNX Runtime + the plugin node's kernel          fp32 plugin graphs, extensions
     onnx-reference ONNX's reference evaluator, portable graphs      bf16 bundles (no ORT CPU kernels)
@@ -8,8 +9,9 @@
 
 Per backend and stack, Polygraphy's runner executes the graph on every traced step (inputs from
 `stagcompile.replay`) and Polygraphy's Comparator checks each output against the reference with
-dtype-appropriate tolerances. Then the runtime's greedy tokens (both schedules) are checked against
-the trace. A failure names the stack, output, step, worst element and its error, and saves the
+dtype-appropriate tolerances (the ort flavour's different layout is translated by
+`stagcompile.ort_replay`). Then the runtime's greedy tokens (both schedules, every ONNX Runtime
+flavour) are checked against the trace. A failure names the stack, output, step, worst element and its error, and saves the
 inputs and expected outputs so the printed `polygraphy run ...` command reproduces it.
 Writes `validation/report.json`. Needs no torch.
 """
@@ -23,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from stagcompile.errors import StagError
+from stagcompile.ort_replay import OrtReplay
 from stagcompile.replay import Trace
 from stagcompile.runtime.bundle import Bundle, BundleError
 from stagcompile.runtime.ort_backend import BF16_UNSUPPORTED
 
-FLAVOUR_OF = {"ort-portable": "portable", "ort-plugin": "plugin", "onnx-reference": "portable"}
+FLAVOUR_OF = {"ort": "ort", "ort-portable": "portable", "ort-plugin": "plugin",
+              "onnx-reference": "portable"}
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-2, 1e-2), "bfloat16": (1.5e-1, 2e-2)}
 
 
@@ -74,7 +78,7 @@ def _quiet_polygraphy():
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
 
-def _ort_runners(bundle: Bundle, flavour: str):
+def _ort_runners(bundle: Bundle, flavour: str, name: str):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
@@ -88,7 +92,7 @@ def _ort_runners(bundle: Bundle, flavour: str):
             return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return make
 
-    return [OnnxrtRunner(loader(bundle.graph(flavour, k + 1)), name=f"ort-{flavour}")
+    return [OnnxrtRunner(loader(bundle.graph(flavour, k + 1)), name=name)
             for k in range(bundle.num_stacks)]
 
 
@@ -107,10 +111,11 @@ def _trt_runners(bundle: Bundle):
 def available_backends(bundle: Bundle) -> tuple[dict, dict]:
     """{backend: runner factory} and {backend: why it is skipped}."""
     ready, skipped = {}, {}
-    for flavour in ("portable", "plugin"):
-        name = f"ort-{flavour}"
+    for flavour in ("ort", "portable", "plugin"):
+        name = "ort" if flavour == "ort" else f"ort-{flavour}"
         if flavour not in bundle.flavours:
-            skipped[name] = f"the bundle has no {flavour} graphs"
+            why = (bundle.manifest.get("ort") or {}).get("skipped") if flavour == "ort" else None
+            skipped[name] = why or f"the bundle has no {flavour} graphs"
             continue
         if bundle.dtype == "bfloat16":
             skipped[name] = BF16_UNSUPPORTED
@@ -126,7 +131,7 @@ def available_backends(bundle: Bundle) -> tuple[dict, dict]:
             except (ImportError, OrtKernelUnavailable) as exc:
                 skipped[name] = str(exc)
                 continue
-        ready[name] = (lambda f=flavour: _ort_runners(bundle, f))
+        ready[name] = (lambda f=flavour, n=name: _ort_runners(bundle, f, n))
     if not bundle.manifest.get("engines"):
         skipped["trt"] = "no engines in the bundle (run `stagcompile build` on a GPU machine)"
     else:
@@ -163,7 +168,9 @@ def _save_repro(root: Path, backend: str, stack: int, step: int, feeds: dict, go
             f"--atol {atol} --rtol {rtol}{note}")
 
 
-def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Check:
+def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol, convert=None) -> Check:
+    """`convert(stack, feeds, outputs)`, when given, maps the graph's outputs to the golden
+    names and layout first (the ort flavour)."""
     from polygraphy.comparator import (Comparator, IterationResult, RunResults,
                                        SimpleCompareFunc)
     feeds = [s.feeds for s in trace_steps]
@@ -176,6 +183,9 @@ def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Che
         check.failure = f"stack {stack}: {backend} could not run the graph: {exc}".strip()
         return check
     outs = results[runner.name]
+    if convert is not None:
+        outs = [IterationResult(convert(stack, f, dict(o)), runner_name=runner.name)
+                for f, o in zip(feeds, outs)]
     expected = [IterationResult({n: g[n].astype(outs[i][n].dtype) for n in g},
                                 runner_name="reference") for i, g in enumerate(goldens)]
     both = RunResults([("reference", expected), (runner.name, outs)])
@@ -200,18 +210,23 @@ def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol) -> Che
                          else bundle.graph(FLAVOUR_OF[backend], stack))
                 check.repro = _save_repro(bundle.root, backend, stack, trace_steps[i].step,
                                           feeds[i], golden, graph, atol, rtol)
+                if convert is not None:
+                    check.repro += ("  # ort flavour: outputs are in the graph's layout; "
+                                    "stagcompile.ort_replay.OrtReplay.to_golden maps them")
     return check
 
 
-def _token_check(bundle: Bundle, trace: Trace, backend: str, schedule: str, atol: float) -> dict:
+def _token_check(bundle: Bundle, trace: Trace, backend: str, schedule: str, atol: float,
+                 flavour: str | None = None) -> dict:
     from stagcompile.runtime.generator import Generator, make_backend
-    gen = Generator(bundle, make_backend(bundle, backend, schedule), schedule)
+    gen = Generator(bundle, make_backend(bundle, backend, schedule, flavour=flavour), schedule)
     try:
         got = gen.generate(trace.prompt, trace.tokens.shape[1])
     finally:
         gen.close()
     want = trace.tokens
-    out = {"backend": backend, "schedule": schedule, "steps": int(want.shape[1]),
+    out = {"backend": backend if flavour is None else f"{backend} ({flavour})",
+           "schedule": schedule, "steps": int(want.shape[1]),
            "passed": bool(np.array_equal(got, want)), "note": ""}
     if not out["passed"]:
         row, step = map(int, np.argwhere(got != want)[0])
@@ -245,31 +260,36 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
     report = Report(str(root), bundle.dtype, atol, rtol, skipped=skipped)
     by_stack: dict[str, dict[int, list]] = {}
 
+    ort = OrtReplay(bundle, trace) if "ort" in ready else None
+
     def steps_of(backend: str) -> dict[int, list]:
         dtype = "float32" if backend == "onnx-reference" else bundle.dtype   # it casts itself
-        if dtype not in by_stack:
-            by_stack[dtype] = {}
-            for st in trace.steps(dtype):
-                by_stack[dtype].setdefault(st.stack, []).append(st)
-        return by_stack[dtype]
-    # the runtime's ONNX Runtime backend runs the portable graphs
-    token_runs = [("ort", s) for s in ("staggered", "sequential") if "ort-portable" in ready]
-    if not token_runs:
-        skipped["greedy tokens (ort)"] = ("the runtime's ONNX Runtime backend runs portable "
-                                          "graphs: " + skipped["ort-portable"])
+        key = (dtype, backend == "ort")
+        if key not in by_stack:
+            by_stack[key] = {}
+            for st in (ort.steps(dtype) if backend == "ort" else trace.steps(dtype)):
+                by_stack[key].setdefault(st.stack, []).append(st)
+        return by_stack[key]
+    # the runtime's ONNX Runtime backend runs the ort or the portable graphs
+    token_runs = [("ort", s, f) for f in ("ort", "portable") for s in ("staggered", "sequential")
+                  if ("ort" if f == "ort" else "ort-portable") in ready]
+    if "ort-portable" not in ready:
+        skipped["greedy tokens (ort, portable)"] = ("the runtime's ONNX Runtime backend runs "
+                                                    "portable graphs: " + skipped["ort-portable"])
     if "trt" in ready:
-        token_runs += [("trt", "staggered"), ("trt", "sequential")]
+        token_runs += [("trt", "staggered", None), ("trt", "sequential", None)]
     with progress(show_progress) as bar:
         task = bar.add_task("validate", total=len(ready) * bundle.num_stacks + len(token_runs))
         for backend, make in ready.items():
             for k, runner in enumerate(make()):
                 bar.update(task, description=f"{backend}: stack {k + 1}")
-                report.checks.append(_check_stack(bundle, steps_of(backend)[k + 1], runner, backend,
-                                                  k + 1, atol, rtol))
+                report.checks.append(_check_stack(
+                    bundle, steps_of(backend)[k + 1], runner, backend, k + 1, atol, rtol,
+                    ort.to_golden if backend == "ort" else None))
                 bar.advance(task)
-        for backend, schedule in token_runs:
+        for backend, schedule, flavour in token_runs:
             bar.update(task, description=f"greedy tokens: {backend} {schedule}")
-            report.tokens.append(_token_check(bundle, trace, backend, schedule, atol))
+            report.tokens.append(_token_check(bundle, trace, backend, schedule, atol, flavour))
             bar.advance(task)
     (bundle.root / "validation").mkdir(exist_ok=True)
     (bundle.root / "validation" / "report.json").write_text(json.dumps(report.to_dict(), indent=2))

@@ -67,7 +67,7 @@ def bundle_root(tmp_path_factory):
     return tmp_path_factory.mktemp("bundles")
 
 
-def bundle_for(root, cfg, dtype: str = "fp32", flavour: str = "both", seed: int = 0):
+def bundle_for(root, cfg, dtype: str = "fp32", flavour: str = "all", seed: int = 0):
     """Export (once per process) a bundle of a seeded tiny model; returns (bundle path, model)."""
     from stagcompile import checkpoint
     from stagcompile.export import export_bundle

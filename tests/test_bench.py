@@ -3,6 +3,7 @@ and the report has its structure (speed itself is not asserted: this machine is 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -24,21 +25,30 @@ def test_thread_splits():
 def test_bench_tiny_end_to_end(tmp_path):
     exe = shutil.which("stagcompile", path=os.path.dirname(sys.executable))
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    peer = importlib.util.find_spec("onnxruntime_genai") is not None
     proc = subprocess.run([exe, "bench", "--preset", "tiny", "--batch", "1,2", "--context", "8",
                            "--iters", "3", "--rounds", "2", "--warmup", "1", "--json", str(out),
-                           "--plot", str(png)], capture_output=True, text=True, timeout=900)
+                           "--plot", str(png)] + (["--peer", "ortgenai"] if peer else []),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     kinds = {r["kind"] for r in res["rows"]}
-    assert kinds == {"sequential", "staggered", "baseline", "torch", "stack"}
+    assert kinds == {"sequential", "staggered", "baseline", "torch", "stack"} | (
+        {"peer"} if peer else set())
+    assert res["meta"]["flavour"] == "ort"
     assert {(r["batch"], r["window"]) for r in res["rows"]} == {
         (1, "unbounded"), (1, "bounded"), (2, "unbounded"), (2, "bounded")}
     for r in res["rows"]:
         assert r["samples"] == 6 and r["median_ms"] > 0 and r["p10_ms"] <= r["p90_ms"]
     for cell in res["ratios"]:
         for key in TARGETS:
-            assert cell[key] > 0, key
+            if key.endswith(("peer_1t", "peer_nt", "vs_peer")) and not (peer and cell["batch"] == 1):
+                assert cell[key] is None, key           # the peer is measured at batch 1
+            else:
+                assert cell[key] > 0, key
         assert cell["ideal_step_ms"] > 0
+    if peer:       # same weights: ONNX Runtime GenAI's greedy tokens are ours
+        assert res["meta"]["peer_tokens"]["match"], res["meta"]["peer_tokens"]
     schedules = {(s["schedule"], s["threads_per_stack"]) for s in res["scaling"]}
     assert ("sequential", 1) in schedules and ("staggered", 1) in schedules
     assert png.stat().st_size > 1000

@@ -64,7 +64,7 @@ def test_config_that_does_not_parse(tmp_path):
     with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
         checkpoint.load(path)
     (path / "config.json").write_text(json.dumps(preset("tiny").to_dict() | {"n_heads": 5}))
-    with pytest.raises(CheckpointError, match=r"config.json: config field d_model=32"):
+    with pytest.raises(CheckpointError, match=r"config.json: config field d_model=64"):
         checkpoint.load(path)
 
 
@@ -80,7 +80,7 @@ def test_tensors_that_do_not_match_the_config(tmp_path):
     msg = str(err.value)
     assert "missing: norm_f.weight" in msg
     assert "unexpected: extra.bias" in msg
-    assert "embed.weight has shape (10, 32), config implies (97, 32)" in msg
+    assert "embed.weight has shape (10, 32), config implies (97, 64)" in msg
 
 
 def test_mixed_and_unsupported_dtypes(tmp_path):

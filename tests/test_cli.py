@@ -33,7 +33,7 @@ def test_init_then_inspect(tiny_ckpt):
     rep = json.loads(run("inspect", tiny_ckpt, "--json", "--context", "32").stdout)
     assert rep["config"]["num_stacks"] == 3 and rep["config"]["cross_window"] == 4
     assert [s["stack"] for s in rep["stacks"]] == [1, 2, 3]
-    assert rep["stacks"][1]["cross_kv_bytes"] == 2 * 2 * 2 * 8 * 4 * 4    # L*(k,v)*Hkv*D*4B*C
+    assert rep["stacks"][1]["cross_kv_bytes"] == 2 * 2 * 2 * 16 * 4 * 4   # L*(k,v)*Hkv*D*4B*C
     assert 1.0 < rep["ideal_staggered_speedup"] <= 3.0
     text = run("inspect", tiny_ckpt).stdout
     assert "ideal staggered speedup" in text and "KV cache" in text

@@ -1,5 +1,6 @@
-"""Export: every variant's graphs reproduce the reference's golden trace in ONNX Runtime (both
-flavours), graphs and manifest are well formed, fp16 stays close, bad input is refused cleanly."""
+"""Export: every variant's graphs reproduce the reference's golden trace in ONNX Runtime (all
+three flavours), graphs and manifest are well formed, fp16 stays close, bad input is refused
+cleanly."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from stagcompile import checkpoint
 from stagcompile.config import preset
 from stagcompile.errors import StagError
 from stagcompile.export import export_bundle
-from stagcompile.replay import load_trace
+from stagcompile.ort_replay import OrtReplay
+from stagcompile.replay import Trace, load_trace
 from stagcompile.runtime.bundle import Bundle
 
 
@@ -52,6 +54,28 @@ def worst_difference(bundle_dir, flavour: str, dtype: str | None = None, sess=No
 def test_graphs_match_reference_trace(bundle_root, variant, flavour):
     path, _ = bundle_for(bundle_root, variant)
     assert worst_difference(path, flavour) < 1e-4
+
+
+def ort_worst_difference(bundle_dir, dtype: str | None = None) -> float:
+    """Largest |ort graph output - golden| over the trace, in the golden layout."""
+    bundle = Bundle.load(bundle_dir)
+    replay, sess = OrtReplay(bundle, Trace(bundle)), sessions(bundle, "ort")
+    worst, steps = 0.0, 0
+    for st in replay.steps(dtype):
+        s = sess[st.stack - 1]
+        names = [o.name for o in s.get_outputs()]
+        got = replay.to_golden(st.stack, st.feeds, dict(zip(names, s.run(names, st.feeds))))
+        assert set(got) == set(st.golden)
+        for name, want in st.golden.items():
+            worst = max(worst, float(np.abs(got[name].astype(np.float32) - want).max()))
+        steps += 1
+    assert steps > bundle.num_stacks
+    return worst
+
+
+def test_ort_graphs_match_reference_trace(bundle_root, variant):
+    path, _ = bundle_for(bundle_root, variant)
+    assert ort_worst_difference(path) < 1e-4
 
 
 def test_trace_passes_every_window(bundle_root, variant):
@@ -87,7 +111,40 @@ def test_manifest_and_graph_structure(bundle_root, cfg):
                 assert attrs["plugin_namespace"] == b"stagformer" and attrs["aot"] == 1
                 assert plugin_nodes[0].op_type == "BoundedWindowAttention"
     bundle = Bundle.load(path)
-    assert len(bundle.manifest["files"]) > 2 * cfg.num_stacks
+    assert len(bundle.manifest["files"]) > 3 * cfg.num_stacks
+
+
+@pytest.mark.parametrize("cfg", grouped([VARIANTS[4]]))
+def test_ort_flavour_structure(bundle_root, cfg):
+    """About a dozen contrib-op nodes per layer; every cache input is written in place by an
+    output that names it; the manifest says which attention and RoPE paths the graphs use."""
+    path, _ = bundle_for(bundle_root, cfg)
+    man = json.loads((path / "manifest.json").read_text())["ort"]
+    assert man["opset"] == 23 and "GroupQueryAttention" in man["attention"]
+    assert man["caches"]["cross"] == {"capacity": 2 * cfg.cross_window, "window": cfg.cross_window,
+                                      "layout": man["caches"]["cross"]["layout"]}
+    for k, io in enumerate(man["io"]):
+        ins = {t["name"]: t for t in io["inputs"]}
+        aliases = {t["alias"] for t in io["outputs"] if t["alias"]}
+        assert aliases == {n for n, t in ins.items() if t["role"] in ("self", "cross")}
+        proto = onnx.load(str(path / "graphs" / "ort" / f"stack{k + 1}.onnx"),
+                          load_external_data=False)
+        ops = [n.op_type for n in proto.graph.node]
+        assert ops.count("GroupQueryAttention") == cfg.layers_per_stack * (2 if k else 1)
+        assert ops.count("SkipSimplifiedLayerNormalization") >= 2 * cfg.layers_per_stack
+        assert len(ops) < 40 + 16 * cfg.layers_per_stack, len(ops)
+
+
+def test_ort_flavour_needs_head_dim_multiple_of_16(tmp_path):
+    cfg = preset("tiny").replace(d_model=32)                   # head_dim 8
+    ck = tmp_path / "ck"
+    checkpoint.save(make_model(cfg), ck)
+    with pytest.raises(StagError, match="--flavour ort: .*head_dim that is a multiple of 16"):
+        export_bundle(ck, tmp_path / "b", flavour="ort", show_progress=False)
+    export_bundle(ck, tmp_path / "b", show_progress=False)
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.flavours == ["portable", "plugin"]
+    assert "multiple of 16" in bundle.manifest["ort"]["skipped"]
 
 
 @pytest.mark.parametrize("flavour", ["portable", "plugin"])
@@ -136,10 +193,11 @@ def test_polygraphy_reads_graphs(bundle_root):
 
 def test_fp16_export_close_to_fp32_reference(bundle_root):
     cfg = preset("tiny").replace(cross_window=4, self_window=8)
-    path, _ = bundle_for(bundle_root, cfg, dtype="fp16", flavour="portable")
+    path, _ = bundle_for(bundle_root, cfg, dtype="fp16", flavour="all")
     assert json.loads((path / "manifest.json").read_text())["dtype"] == "float16"
     worst = worst_difference(path, "portable", "float16")
     assert worst < 5e-2, worst          # fp16 weights and caches; fp32 softmax, norms, logits
+    assert ort_worst_difference(path, "float16") < 5e-2
 
 
 def test_bf16_export_types_and_reference_numerics(bundle_root):
@@ -206,7 +264,7 @@ def test_bad_inputs_leave_no_bundle(tmp_path):
         export_bundle(ck, tmp_path / "exists")
     bad = tmp_path / "bad"
     checkpoint.save(make_model(cfg), bad)
-    (bad / "config.json").write_text(cfg.replace(d_model=64, n_heads=4).to_json())
+    (bad / "config.json").write_text(cfg.replace(d_model=128, n_heads=4).to_json())
     with pytest.raises(StagError, match="does not match"):
         export_bundle(bad, tmp_path / "b2")
     (tmp_path / "afile").write_text("not a folder")

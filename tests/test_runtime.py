@@ -1,6 +1,8 @@
-"""The runtime: both schedules reproduce the reference token for token, graphs never read what a
-concurrent graph writes, it runs without torch or stagcompile, bounded windows run in constant
-memory past max_seq_len, and bad bundles or requests are refused with clear errors."""
+"""The runtime: both schedules reproduce the reference token for token on the ort flavour (caches
+updated in place by the graphs) and the portable one (ring caches the runtime commits), graphs
+never read what a concurrent graph writes, it runs without torch or stagcompile, bounded windows
+run in constant memory past max_seq_len, and bad bundles or requests are refused with clear
+errors."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from stagcompile.runtime import BundleError, CapacityError, Generator
 from stagcompile.runtime.sampling import Sampler, Sampling
 
 NEW = 14
+FLAVOURS = pytest.mark.parametrize("flavour", ["ort", "portable"])
 
 
 def reference(model, prompt: np.ndarray, n: int):
@@ -41,13 +44,15 @@ def runtime_logits(gen: Generator, prompt: np.ndarray, n: int):
     return np.stack(toks, 1), np.stack(all_logits, 1)
 
 
+@FLAVOURS
 @pytest.mark.parametrize("batch", [1, 3])
-def test_schedules_match_reference(bundle_root, variant, batch):
+def test_schedules_match_reference(bundle_root, variant, batch, flavour):
     path, model = bundle_for(bundle_root, variant)
     prompt = np.random.default_rng(batch).integers(0, variant.vocab_size, (batch, 5))
     want_toks, want_logits = reference(model, prompt, NEW)
     for schedule in ("staggered", "sequential"):
-        gen = Generator.load(path, schedule=schedule)
+        gen = Generator.load(path, schedule=schedule, flavour=flavour)
+        assert gen.scheduler.backend.flavour == flavour
         toks, logits = runtime_logits(gen, prompt, NEW)
         np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
         assert np.array_equal(toks, want_toks), schedule
@@ -55,13 +60,14 @@ def test_schedules_match_reference(bundle_root, variant, batch):
         gen.close()
 
 
+@FLAVOURS
 @pytest.mark.parametrize("cfg", grouped([VARIANTS[-1]]))
-def test_no_graph_reads_what_a_concurrent_graph_writes(bundle_root, cfg):
+def test_no_graph_reads_what_a_concurrent_graph_writes(bundle_root, cfg, flavour):
     path, model = bundle_for(bundle_root, cfg)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 4))
-    clean = Generator.load(path)
+    clean = Generator.load(path, flavour=flavour)
     _, want = runtime_logits(clean, prompt, 12)
-    gen = Generator.load(path)
+    gen = Generator.load(path, flavour=flavour)
     backend = gen.scheduler.backend
     original = backend.set_step
 
@@ -126,11 +132,12 @@ def test_generated_runtime_runs_without_torch_or_stagcompile(bundle_root, tmp_pa
         assert "ms/token median" in proc.stderr and "[ort, staggered]" in proc.stderr
 
 
-def test_bounded_generation_runs_past_max_seq_len_in_constant_memory(bundle_root):
+@FLAVOURS
+def test_bounded_generation_runs_past_max_seq_len_in_constant_memory(bundle_root, flavour):
     psutil = pytest.importorskip("psutil")
     cfg = preset("tiny").replace(max_seq_len=32, self_window=8, cross_window=4)
     path, model = bundle_for(bundle_root, cfg)
-    gen = Generator.load(path)
+    gen = Generator.load(path, flavour=flavour)
     proc = psutil.Process()
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 4))
     rss = []
@@ -146,10 +153,11 @@ def test_bounded_generation_runs_past_max_seq_len_in_constant_memory(bundle_root
     gen.close()
 
 
-def test_unbounded_model_stops_at_capacity(bundle_root):
+@FLAVOURS
+def test_unbounded_model_stops_at_capacity(bundle_root, flavour):
     cfg = preset("tiny").replace(max_seq_len=16)
     path, _ = bundle_for(bundle_root, cfg)
-    gen = Generator.load(path)
+    gen = Generator.load(path, flavour=flavour)
     out = gen.generate(np.zeros((1, 10), np.int64), 50)
     assert out.shape[1] == 7 and "cache full at 16 tokens" in gen.stats.stopped
     with pytest.raises(CapacityError, match="prompt of 17 tokens does not fit"):
@@ -198,13 +206,14 @@ def test_run_command_streams_and_reports(bundle_root):
     assert empty.returncode == 1 and "give at least one token id per row" in empty.stderr
 
 
+@FLAVOURS
 @pytest.mark.parametrize("cfg", grouped([VARIANTS[-1], VARIANTS[4]]))
-def test_chunked_prefill_matches_one_shot(bundle_root, cfg):
+def test_chunked_prefill_matches_one_shot(bundle_root, cfg, flavour):
     path, model = bundle_for(bundle_root, cfg)
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11))
     want_toks, want_logits = reference(model, prompt, 6)
-    for chunk in (2, 3, 4, 11):
-        gen = Generator.load(path, schedule="staggered")
+    for chunk in (1, 2, 3, 4, 11):
+        gen = Generator.load(path, schedule="staggered", flavour=flavour)
         gen.scheduler.prefill_chunk = chunk
         toks, logits = runtime_logits(gen, prompt, 6)
         np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)

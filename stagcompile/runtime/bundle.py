@@ -85,15 +85,18 @@ class Bundle:
     def flavours(self) -> list[str]:
         return list(self.manifest["graphs"])
 
-    def io(self, stack: int) -> dict:
-        """I/O table of 1-based `stack`: {"inputs": [...], "outputs": [...]}."""
+    def io(self, stack: int, flavour: str = "portable") -> dict:
+        """I/O table of 1-based `stack` in `flavour`: {"inputs": [...], "outputs": [...]}. The
+        portable and plugin flavours share one table; the ort flavour has its own."""
+        if flavour == "ort":
+            return self.manifest["ort"]["io"][stack - 1]
         return self.manifest["io"][stack - 1]
 
     def graph(self, flavour: str, stack: int) -> Path:
         if flavour not in self.manifest["graphs"]:
             raise BundleError(f"{self.root / MANIFEST}: no {flavour!r} graphs in this bundle "
                               f"(it has {', '.join(self.flavours)}); export with "
-                              f"--flavour {flavour} or both")
+                              f"--flavour {flavour} or all")
         path = self.root / self.manifest["graphs"][flavour][stack - 1]["file"]
         if not path.is_file():
             raise BundleError(f"{path}: graph of stack {stack} ({flavour}) is missing")

@@ -37,6 +37,9 @@ def parser(default_bundle: Path | None) -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per stack (default: 1 staggered, all "
                         "cores sequential)")
     p.add_argument("--spinning", action="store_true", help="let idle ONNX Runtime threads spin")
+    p.add_argument("--flavour", choices=("ort", "portable", "plugin"), default=None,
+                   help="graphs the ort backend runs (default: ort when the bundle has them, "
+                        "else portable)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -66,7 +69,8 @@ def main(argv=None, default_bundle: Path | None = None) -> int:
         return 2
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-        gen = Generator.load(args.bundle, args.backend, args.schedule, args.threads, args.spinning)
+        gen = Generator.load(args.bundle, args.backend, args.schedule, args.threads, args.spinning,
+                             flavour=args.flavour)
         ids = gen.encode(args.prompt) if args.prompt else _ids(args)
         vocab = gen.bundle.config["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:

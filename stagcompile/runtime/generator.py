@@ -43,11 +43,12 @@ class Stats:
                 "total_s": total, "stopped": self.stopped}
 
 
-def make_backend(bundle: Bundle, backend: str, schedule: str, threads=None, spinning=False):
+def make_backend(bundle: Bundle, backend: str, schedule: str, threads=None, spinning=False,
+                 flavour: str | None = None):
     if backend == "ort":
         from .ort_backend import OrtBackend
         default = 1 if schedule == "staggered" else _cores()
-        return OrtBackend(bundle, threads if threads is not None else default, spinning)
+        return OrtBackend(bundle, threads if threads is not None else default, spinning, flavour)
     if backend == "ort-cuda":
         from .ort_cuda import OrtCudaBackend
         return OrtCudaBackend(bundle, threads if threads is not None else 1)
@@ -84,9 +85,12 @@ class Generator:
 
     @classmethod
     def load(cls, root, backend: str = "ort", schedule: str = "staggered", threads=None,
-             spinning: bool = False, verify: bool = True) -> "Generator":
+             spinning: bool = False, verify: bool = True, flavour: str | None = None) -> "Generator":
+        """`flavour` picks the graphs of the ort backend (default: `ort` when the bundle has
+        them, else `portable`)."""
         bundle = Bundle.load(root, verify=verify)
-        return cls(bundle, make_backend(bundle, backend, schedule, threads, spinning), schedule)
+        return cls(bundle, make_backend(bundle, backend, schedule, threads, spinning, flavour),
+                   schedule)
 
     # ---- text ----------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> np.ndarray:

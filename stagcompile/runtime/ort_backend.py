@@ -1,5 +1,9 @@
 """ONNX Runtime backend: one InferenceSession per stack, IOBinding over preallocated buffers.
 
+Flavours: `ort` (the default when the bundle has it: ONNX Runtime's contrib ops, caches updated
+in place by the graphs), `portable` (standard operators, ring caches the runtime commits) and
+`plugin` (the attention node's onnxruntime-extensions kernel).
+
 CPU (default): every buffer is host memory from `HostState`; each stack gets two IOBindings (one
 per step parity) bound once per session, so a decode step only writes the token and position in
 place and calls `run_with_iobinding`: no allocation, no rebinding. ONNX Runtime releases the GIL
@@ -37,12 +41,17 @@ def session_options(threads: int, spinning: bool):
     return so
 
 
+def default_flavour(bundle: Bundle) -> str:
+    """`ort` when the bundle has those graphs (and they can run here), else `portable`."""
+    return "ort" if "ort" in bundle.flavours else "portable"
+
+
 class OrtBackend:
     name = "ort"
     concurrency = "threads"
 
     def __init__(self, bundle: Bundle, threads: int | list[int] = 1, spinning: bool = False,
-                 flavour: str = "portable"):
+                 flavour: str | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -52,7 +61,8 @@ class OrtBackend:
             raise BundleError(f"{bundle.root}: {BF16_UNSUPPORTED}; use the trt backend, or "
                               "export with --dtype fp32/fp16")
         self.bundle = bundle
-        self.ios = [bundle.io(k + 1) for k in range(bundle.num_stacks)]
+        self.flavour = flavour = flavour or default_flavour(bundle)
+        self.ios = [bundle.io(k + 1, flavour) for k in range(bundle.num_stacks)]
         per_stack = threads if isinstance(threads, list) else [threads] * bundle.num_stacks
         if len(per_stack) != bundle.num_stacks or min(per_stack) < 1:
             raise BundleError(f"threads {per_stack}: give one count >= 1 per stack "
@@ -91,13 +101,33 @@ class OrtBackend:
             io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         return io
 
+    def run_bound(self, k: int, feeds: dict) -> dict[str, np.ndarray]:
+        """Run stack k on `feeds` with its cache outputs written in place (ort flavour); returns
+        the other outputs, allocated by ONNX Runtime."""
+        io = self.sessions[k].io_binding()
+        for name, arr in feeds.items():
+            arr = np.ascontiguousarray(arr)
+            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        aliased = self.state.aliased(k)
+        names = []
+        for t in self.ios[k]["outputs"]:
+            if t["name"] in aliased:
+                arr = aliased[t["name"]]
+                io.bind_output(t["name"], "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+            else:
+                io.bind_output(t["name"], "cpu")
+                names.append(t["name"])
+        self.sessions[k].run_with_iobinding(io)
+        values = io.get_outputs()
+        return {n: values[i].numpy() for i, n in enumerate(
+            t["name"] for t in self.ios[k]["outputs"]) if n in names}
+
     def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
         st = self.state
         produced, done = None, []
-        for k, sess in enumerate(self.sessions):
+        for k in range(len(self.sessions)):
             feeds = st.prefill_feeds(k, ids, pos, produced)
-            names = [t["name"] for t in self.ios[k]["outputs"]]
-            produced = dict(zip(names, sess.run(names, feeds)))
+            produced = self.run_bound(k, feeds)
             done.append((feeds, produced))
         for k, (feeds, outputs) in enumerate(done):   # after every stack read pending[pos % 2]
             st.prefill_commit(k, feeds, outputs, pos)
