@@ -166,7 +166,7 @@ def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: li
         cfg = saved
         model = checkpoint.load(out).to(device).train()
         check_target(out, True, "checkpoint", sources)      # saving must not delete an input
-        start, log = state["step"], json.loads((out / LOG_FILE).read_text())
+        start, log = state["step"], train_state.read_json(out / LOG_FILE)
     else:
         if out.exists():
             raise StagError(f"{out}: already exists; pass --resume to continue it or choose "

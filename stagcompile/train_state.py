@@ -40,11 +40,16 @@ def files(step: int, optimizer: torch.optim.Optimizer, options: dict) -> dict[st
     return {TENSORS: save(tensors), META: json.dumps(meta, indent=1)}
 
 
-def _meta(path: Path) -> dict:
+def read_json(path: Path):
+    """A JSON file of the trainer's folder; StagError naming it if it cannot be read."""
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StagError(f"{path}: not a readable trainer state ({exc})") from None
+        raise StagError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def _meta(path: Path) -> dict:
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise StagError(f"{path}: not a stagcompile trainer state (format {FORMAT!r}, "
                         f"version {VERSION})")

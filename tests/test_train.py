@@ -120,7 +120,7 @@ def test_corrupt_resume_state_is_named(tmp_path, text_file):
     train([text_file], out, "tiny", OVERRIDES, opts(1), vocab_size=300, show_progress=False)
     state = out / "train_state.json"
     good = state.read_text()
-    for text, match in [("{oops", "train_state.json: not a readable trainer state"),
+    for text, match in [("{oops", "train_state.json: not a readable JSON file"),
                         (good.replace('"step": 1', '"step": -1'), "field step should be"),
                         (good.replace('"format": "stagcompile-train-state"', '"format": "x"'),
                          "not a stagcompile trainer state")]:
@@ -128,6 +128,9 @@ def test_corrupt_resume_state_is_named(tmp_path, text_file):
         with pytest.raises(StagError, match=match):
             train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)
     state.write_text(good)
+    (out / "train_log.json").write_text("[{")
+    with pytest.raises(StagError, match="train_log.json: not a readable JSON file"):
+        train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)
     (out / "train_state.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     with pytest.raises(StagError, match="train_state.safetensors: not a readable safetensors"):
         train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)

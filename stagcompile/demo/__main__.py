@@ -3,7 +3,6 @@ tokenizer, no optimizer state) and write its model card from the run's train_log
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ Evaluation history (step, val loss, val bits per byte):
 
 def main(run: Path, dest: Path) -> None:
     model = checkpoint.load(run)
-    log = json.loads((run / LOG_FILE).read_text())
+    log = train_state.read_json(run / LOG_FILE)
     opts = train_state.load(run)["options"]
     checkpoint.save(model, dest, dtype=torch.float16, tokenizer=run / "tokenizer.json",
                     force=True, sources=[run],
