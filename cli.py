@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     help="Deployment compiler for StagFormer language models: checkpoint -> per-stack ONNX graphs "
@@ -25,21 +26,38 @@ console = Console(stderr=True)
 
 
 def stage(fn):
-    """Turn StagError (and Ctrl-C) into a one-line message and a non-zero exit."""
+    """Turn StagError (and Ctrl-C, SIGTERM) into a one-line message and a non-zero exit."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from stagcompile.errors import StagError
+        from stagcompile.errors import StagError, Terminated
         from stagcompile.runtime.bundle import BundleError
         from stagcompile.runtime.scheduler import CapacityError
         try:
             return fn(*args, **kwargs)
         except (StagError, BundleError, CapacityError) as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130)
+        except Terminated:
+            console.print("[bold red]terminated[/] (SIGTERM); the unfinished output was removed")
+            raise typer.Exit(143)
     return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from stagcompile import __version__
+        print(f"stagcompile {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version,
+                                              is_eager=True, help="Print the version and exit.")):
+    """Deployment compiler for StagFormer language models."""
 
 
 class Dtype(str, Enum):
@@ -155,10 +173,17 @@ def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = off)."),
         top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-        seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-        eos_id: Optional[int] = typer.Option(None, help="Stop token id.")):
+        seed: Optional[int] = typer.Option(None, help="Sampling seed (>= 0)."),
+        eos_id: Optional[int] = typer.Option(None, help="Stop token id."),
+        spinning: bool = typer.Option(False, help="Let idle ONNX Runtime threads spin (off by "
+                                      "default: a spinning pool steals another stack's core).")):
     """Generate with a bundle's runtime: streams text, then prints the latency summary."""
+    from stagcompile.errors import StagError
     from stagcompile.runtime.cli import main as runtime_main
+    if not prompt and not ids:
+        raise StagError("give --prompt TEXT or --ids 1,2,3")
+    if prompt and ids:
+        raise StagError("--prompt and --ids: give one of them, not both")
     argv = ["--bundle", str(bundle), "--max-new-tokens", str(max_new_tokens),
             "--backend", backend.value, "--schedule", schedule.value,
             "--temperature", str(temperature), "--top-k", str(top_k), "--top-p", str(top_p)]
@@ -169,8 +194,8 @@ def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
                         ("--flavour", flavour)):
         if value is not None:
             argv += [flag, str(value)]
-    if not prompt and not ids:
-        raise typer.BadParameter("give --prompt or --ids")
+    if spinning:
+        argv.append("--spinning")
     raise typer.Exit(runtime_main(argv))
 
 
@@ -241,7 +266,8 @@ def train(texts: List[Path] = typer.Argument(..., help="Training text files (.tx
           set_: List[str] = typer.Option([], "--set", help="Override a config field: key=value."),
           steps: int = typer.Option(1000, help="Optimizer steps."),
           batch_size: int = typer.Option(16, help="Sequences per step."),
-          seq_len: int = typer.Option(128, help="Tokens per sequence (<= max_seq_len)."),
+          seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: 128, "
+                                                "at most the model's max_seq_len)."),
           lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW)."),
           warmup: int = typer.Option(50, help="Linear warm-up steps."),
           eval_every: int = typer.Option(100, help="Evaluate every N steps."),
@@ -250,7 +276,7 @@ def train(texts: List[Path] = typer.Argument(..., help="Training text files (.tx
           val: Optional[Path] = typer.Option(None, help="Validation text (default: the last 2% "
                                              "of the training text)."),
           vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default: "
-                                                   "the preset's, 4096)."),
+                                                   "the config's vocab_size, at least 257)."),
           tokenizer: Optional[Path] = typer.Option(None, help="Use this tokenizer.json instead "
                                                    "of training one."),
           threads: Optional[int] = typer.Option(None, help="torch CPU threads."),

@@ -1,3 +1,5 @@
 """stagcompile: a deployment compiler for StagFormer language models."""
 
-__version__ = "0.1.0"
+from stagcompile.runtime.bundle import VERSION as __version__  # the runtime carries it into bundles
+
+__all__ = ["__version__"]

@@ -34,6 +34,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from stagcompile.atomic import check_writable
 from stagcompile.errors import StagError
 from stagcompile.progress import progress
 from stagcompile.runtime.bundle import Bundle, BundleError, sha256
@@ -334,6 +335,8 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
         raise StagError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     if workspace_mib < 1:
         raise StagError(f"--workspace {workspace_mib}: must be >= 1 MiB")
+    if timing_cache is not None:
+        check_writable(Path(timing_cache), f"--timing-cache {timing_cache}")
     max_batch, max_prefill = build_limits(bundle.manifest, max_batch, max_prefill)
     trt, module = pick_module(module)
     version = trt.__version__

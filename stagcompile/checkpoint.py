@@ -3,7 +3,8 @@
 Loading validates before it builds anything: the config parses and passes `StagConfig`'s checks,
 and every tensor of the safetensors file is compared with what the config implies; all missing,
 unexpected and mismatched tensors (name, shape, dtype) are reported in one `CheckpointError`.
-Weights may be fp32, fp16 or bf16 (one dtype per file). Saving writes to a temporary folder and
+Weights may be fp32, fp16 or bf16 (one dtype per file), and must be finite (a NaN or inf weight
+is refused, naming the tensors). Saving writes to a temporary folder and
 renames it, so an interrupted save never leaves a half checkpoint.
 """
 
@@ -65,7 +66,19 @@ def read_weights(path: Path, cfg: StagConfig) -> dict[str, torch.Tensor]:
     if problems:
         raise CheckpointError(f"{file} does not match {Path(path) / CONFIG_FILE}: "
                               + " | ".join(problems))
+    check_finite(file, tensors)
     return tensors
+
+
+def check_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights with NaN or inf values, naming the tensors."""
+    bad = {n: int((~torch.isfinite(t)).sum()) for n, t in tensors.items()
+           if not bool(torch.isfinite(t).all())}
+    if bad:
+        named = [f"{n} ({c:,} of {tensors[n].numel():,})" for n, c in sorted(bad.items())]
+        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+        raise CheckpointError(f"{file}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{', '.join(named[:5])}{more}")
 
 
 def load(path: Path, dtype: torch.dtype | None = torch.float32) -> StagFormer:
@@ -82,9 +95,10 @@ def load(path: Path, dtype: torch.dtype | None = torch.float32) -> StagFormer:
 
 def save(model: StagFormer, path: Path, dtype: torch.dtype | None = None,
          tokenizer: Path | None = None, extra_files: dict[str, str | bytes] | None = None,
-         force: bool = True) -> Path:
-    """Write a checkpoint directory atomically; returns its path."""
-    with atomic_dir(path, force, "checkpoint") as tmp:
+         force: bool = True, sources=()) -> Path:
+    """Write a checkpoint directory atomically; returns its path. With `force` an existing
+    checkpoint is replaced; never another folder, nor one that holds `sources` (see atomic)."""
+    with atomic_dir(path, force, "checkpoint", sources) as tmp:
         (tmp / CONFIG_FILE).write_text(model.cfg.to_json() + "\n")
         state = {n: (t.to(dtype) if dtype is not None else t).detach().cpu().contiguous()
                  for n, t in model.state_dict().items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from typing import Any, Optional
 from stagcompile.errors import CheckpointError, StagError
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+MAX_DIM = 2**31 - 1     # largest size or length a config field may give (an int32 dimension)
 
 
 class ConfigError(StagError, ValueError):
@@ -59,6 +61,9 @@ class StagConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name}={getattr(self, name)!r}: must be >= 1")
+            if getattr(self, name) > MAX_DIM:
+                raise ConfigError(f"config field {name}={getattr(self, name)!r}: must be <= "
+                                  f"{MAX_DIM} (a tensor dimension)")
         for name in ("cross_window", "self_window"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -193,7 +198,10 @@ def _check_type(name: str, value: Any, kind: Any) -> Any:
     if kind is bool and isinstance(value, bool):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"config field {name}={value!r}: must be a finite number")
+        return number
     raise ConfigError(f"config field {name}={value!r}: expected {_type_name(_FIELD_TYPES[name])}, "
                       f"got {type(value).__name__}")
 

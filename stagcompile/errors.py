@@ -8,3 +8,8 @@ class StagError(Exception):
 
 class CheckpointError(StagError):
     """A checkpoint directory that cannot be used."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a stage was writing its output (raised so the output's staging
+    folder is removed on the way out; the CLI exits with status 143)."""

@@ -6,13 +6,14 @@
     bundle/runtime/                the generated runtime (see stagcompile.codegen)
     bundle/tokenizer.json          when the checkpoint has one
 
-The bundle is assembled in a temporary folder and renamed at the end (stagcompile.atomic).
+The bundle is assembled in a temporary folder and renamed at the end (stagcompile.atomic); it never
+replaces its own checkpoint, a folder holding it, or a folder that is not a bundle. The checkpoint's
+weights must be finite and its tokenizer must load and fit the model's vocabulary.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import shutil
 from pathlib import Path
@@ -20,10 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from stagcompile import __version__
-from stagcompile.atomic import atomic_dir
+from stagcompile.atomic import atomic_dir, check_target
 from stagcompile.errors import StagError
 from stagcompile.progress import progress
-from stagcompile.runtime.bundle import FORMAT, MANIFEST, MANIFEST_VERSION, sha256
+from stagcompile.runtime.bundle import (FORMAT, MANIFEST_VERSION, BundleError, sha256,
+                                        write_manifest)
+from stagcompile.runtime.generator import load_tokenizer
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FLAVOUR_CHOICES = {"all": ("portable", "plugin", "ort"), "portable": ("portable",),
@@ -121,7 +124,14 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
     from stagcompile.onnx_export import (OPSET, check, portable, save, save_ort_stack,
                                          trace_stack)
 
+    check_target(output, force, "bundle", [checkpoint_dir])
     model = checkpoint.load(checkpoint_dir, dtype=torch.float32)
+    tok = checkpoint.tokenizer_path(checkpoint_dir)
+    if tok is not None:
+        try:
+            load_tokenizer(tok, model.cfg.vocab_size)     # it loads, and fits the vocabulary
+        except BundleError as exc:
+            raise StagError(str(exc)) from None
     if max_seq_len is not None:
         model.cfg = model.cfg.replace(max_seq_len=max_seq_len)
     cfg, flavours, dt = model.cfg, FLAVOUR_CHOICES[flavour], DTYPES[dtype]
@@ -134,7 +144,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
     output = Path(output)
     files: list[Path] = []
     graphs: dict[str, list] = {f: [] for f in flavours}
-    with atomic_dir(output, force, "bundle") as tmp, progress(show_progress) as bar:
+    with atomic_dir(output, force, "bundle", [checkpoint_dir]) as tmp, \
+            progress(show_progress) as bar:
         task = bar.add_task("export", total=cfg.num_stacks * len(flavours) + 2)
         ios, ort_ios = [], []
         weights = {n: t.detach().float().numpy() for n, t in model.state_dict().items()}
@@ -177,7 +188,6 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
         files.append(tmp / "validation" / "trace.npz")
         bar.advance(task)
         bar.update(task, description="runtime")
-        tok = checkpoint.tokenizer_path(checkpoint_dir)
         if tok is not None:
             shutil.copyfile(tok, tmp / "tokenizer.json")
             files.append(tmp / "tokenizer.json")
@@ -210,7 +220,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
             "versions": _versions(),
             "files": {str(f.relative_to(tmp)): sha256(f) for f in files},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
         bar.update(task, description="done")
         bar.advance(task)
     return output

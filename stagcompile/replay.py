@@ -9,11 +9,13 @@ into the next.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from stagcompile.errors import StagError
 from stagcompile.runtime.bundle import Bundle
 from stagcompile.runtime.rings import Rings, np_dtype
 
@@ -33,15 +35,24 @@ class Trace:
             raise FileNotFoundError(f"{bundle.root}: the manifest lists no golden trace")
         self.path = bundle.root / meta["trace"]
         self.meta = meta
-        self.data = np.load(self.path)
+        self.data = read_arrays(self.path)
         self.ios = [bundle.io(k + 1) for k in range(bundle.num_stacks)]
+        for key in ("prompt", "tokens"):
+            if key not in self.data or self.data[key].dtype.kind not in "iu":
+                raise StagError(f"{self.path}: no integer array {key!r} (not a golden trace)")
         self.prompt = self.data["prompt"]
         self.tokens = self.data["tokens"]
-        self.num_steps = max(int(k.split("/")[0][1:]) for k in self.data.files if "/" in k) + 1
+        try:
+            steps = {int(k.split("/")[0][1:]) for k in self.data if "/" in k}
+        except ValueError:
+            raise StagError(f"{self.path}: keys should be s<step>/<stack>/<name>") from None
+        if not steps:
+            raise StagError(f"{self.path}: no recorded steps (not a golden trace)")
+        self.num_steps = max(steps) + 1
 
     def _record(self, step: int, stack: int, io: dict, kind: str) -> dict:
         return {t["name"]: self.data[f"s{step}/{stack}/{t['name']}"]
-                for t in io[kind] if f"s{step}/{stack}/{t['name']}" in self.data.files}
+                for t in io[kind] if f"s{step}/{stack}/{t['name']}" in self.data}
 
     def steps(self, dtype: str | None = None):
         """Yield TraceStep for every (step, stack); float inputs cast to `dtype` if given."""
@@ -59,6 +70,20 @@ class Trace:
                              for n, a in feeds.items()}
                 yield TraceStep(step, k + 1, feeds, golden)
                 rings.commit_stack(k, golden, inputs, pos)
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz, read without pickle; numbers and booleans only."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise StagError(f"{path}: not a readable golden trace ({' '.join(str(exc).split())})") \
+            from None
+    for key, arr in arrays.items():
+        if arr.dtype.kind not in "biuf":
+            raise StagError(f"{path}: array {key!r} has dtype {arr.dtype}; expected numbers")
+    return arrays
 
 
 def load_trace(root: Path) -> Trace:

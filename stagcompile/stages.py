@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from stagcompile.analysis import report
+from stagcompile.atomic import check_target
 from stagcompile.config import StagConfig, load_config, preset
 from stagcompile.errors import StagError
 from stagcompile.progress import table_console
@@ -28,12 +29,17 @@ def init_checkpoint(preset_name: str, output: Path, seed: int, overrides: list[s
 
     cfg = preset(preset_name).with_overrides(overrides)
     output = Path(output)
-    if output.exists() and not force:
-        raise StagError(f"{output}: already exists; pass --force to replace it")
+    check_target(output, force, "checkpoint")
     torch.manual_seed(seed)
-    model = StagFormer(cfg)
-    model.reset_parameters(seed)
-    return checkpoint.save(model, output)
+    try:
+        model = StagFormer(cfg)
+        model.reset_parameters(seed)
+    except (RuntimeError, MemoryError) as exc:
+        params = report(cfg)["parameters"]
+        raise StagError(f"this config's model has {params:,} parameters ({params * 4 / 2**30:,.1f} "
+                        f"GiB in fp32) and cannot be allocated here: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return checkpoint.save(model, output, force=force)
 
 
 def config_of(path: Path) -> StagConfig:

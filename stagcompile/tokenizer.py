@@ -13,6 +13,7 @@ from pathlib import Path
 from stagcompile.errors import StagError
 
 EOT = "<|endoftext|>"
+MIN_VOCAB = 257         # the 256 bytes + EOT
 
 
 def read_text(path: Path) -> str:
@@ -42,8 +43,8 @@ def train_tokenizer(text: str, vocab_size: int = 4096):
     """A byte-level BPE tokenizer trained on `text`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257:
-        raise StagError(f"--vocab-size {vocab_size}: must be >= 257 (256 bytes + {EOT})")
+    if vocab_size < MIN_VOCAB:
+        raise StagError(f"--vocab-size {vocab_size}: must be >= {MIN_VOCAB} (256 bytes + {EOT})")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

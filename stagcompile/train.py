@@ -6,13 +6,14 @@ per byte), and checkpoints that resume exactly: batch b of step s is drawn from 
 seeded by (seed, s), and model, optimizer and step are restored, so a resumed run reproduces the
 uninterrupted one. Uses a CUDA GPU when there is one.
 
-The checkpoint folder holds config.json, model.safetensors, tokenizer.json, train_state.pt
-(optimizer and step, for --resume) and train_log.json (every evaluation).
+The checkpoint folder holds config.json, model.safetensors, tokenizer.json, train_state.json and
+train_state.safetensors (optimizer and step, for --resume; no pickle: see stagcompile.train_state)
+and train_log.json (every evaluation).
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import math
 import time
@@ -22,21 +23,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stagcompile import checkpoint
+from stagcompile import checkpoint, train_state
+from stagcompile.atomic import check_target
 from stagcompile.config import StagConfig, preset
 from stagcompile.errors import StagError
 from stagcompile.model import StagFormer
 from stagcompile.progress import progress
-from stagcompile.tokenizer import encode, load_tokenizer, read_text, read_texts, train_tokenizer
+from stagcompile.tokenizer import (MIN_VOCAB, encode, load_tokenizer, read_text, read_texts,
+                                   train_tokenizer)
 
-STATE_FILE, LOG_FILE = "train_state.pt", "train_log.json"
+LOG_FILE = "train_log.json"
+DEFAULT_SEQ_LEN = 128       # --seq-len when not given (at most the model's max_seq_len)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     steps: int = 1000
     batch_size: int = 16
-    seq_len: int = 128
+    seq_len: int | None = None      # None: DEFAULT_SEQ_LEN, at most the model's max_seq_len
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.1
@@ -56,6 +60,8 @@ class TrainOptions:
                             f"{cfg.max_seq_len} (raise it with --set max_seq_len=N)")
         if not 0 < self.lr < 1:
             raise StagError(f"--lr {self.lr}: must be in (0, 1)")
+        if self.seed < 0:
+            raise StagError(f"--seed {self.seed}: must be >= 0")
 
 
 @dataclass
@@ -114,12 +120,24 @@ def evaluate(model: StagFormer, data: Data, opts: TrainOptions, device) -> dict:
             "val_bpb": loss / math.log(2) / data.val_bytes_per_token}
 
 
-def _save(model, out: Path, tok, opt, step: int, opts: TrainOptions, log: list) -> None:
-    buf = io.BytesIO()
-    torch.save({"step": step, "optimizer": opt.state_dict(), "options": asdict(opts)}, buf)
-    checkpoint.save(model, out, extra_files={"tokenizer.json": tok.to_str(),
-                                             LOG_FILE: json.dumps(log, indent=1),
-                                             STATE_FILE: buf.getvalue()})
+def _save(model, out: Path, tok, opt, step: int, opts: TrainOptions, log: list,
+          sources=()) -> None:
+    extra = {"tokenizer.json": tok.to_str(), LOG_FILE: json.dumps(log, indent=1),
+             **train_state.files(step, opt, asdict(opts))}
+    checkpoint.save(model, out, sources=sources, extra_files=extra)
+
+
+def tokenizer_size(cfg: StagConfig, overrides, vocab_size: int | None) -> int:
+    """The BPE size to train: --vocab-size, else the config's vocab_size (a --set one as given;
+    a preset's raised to MIN_VOCAB, since the `tiny` preset's 97 is for random-weight tests)."""
+    if vocab_size is not None:
+        return vocab_size
+    if any(o.partition("=")[0].strip() == "vocab_size" for o in overrides):
+        if cfg.vocab_size < MIN_VOCAB:
+            raise StagError(f"--set vocab_size={cfg.vocab_size}: a byte-level BPE needs >= "
+                            f"{MIN_VOCAB} tokens (256 bytes + <|endoftext|>)")
+        return cfg.vocab_size
+    return max(cfg.vocab_size, MIN_VOCAB)
 
 
 def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: list[str] = (),
@@ -128,13 +146,16 @@ def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: li
           show_progress: bool = True) -> list[dict]:
     out = Path(out)
     cfg = preset(preset_name).with_overrides(list(overrides))
+    sources = [*files, *(p for p in (val_file, tokenizer_file) if p is not None)]
+    if opts.seq_len is None:
+        opts = dataclasses.replace(opts, seq_len=min(DEFAULT_SEQ_LEN, cfg.max_seq_len))
+    opts.check(cfg)
     text = read_texts(files)
     val_text = read_text(val_file) if val_file is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(opts.seed)
     if resume:
-        if not (out / STATE_FILE).is_file():
-            raise StagError(f"{out}: no {STATE_FILE} to resume from (train without --resume)")
+        state = train_state.load(out)
         tok = load_tokenizer(out / "tokenizer.json")
         saved = checkpoint.load_config(out)
         if saved != cfg.replace(vocab_size=saved.vocab_size):
@@ -144,24 +165,23 @@ def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: li
                             f"one: {', '.join(f'{k} saved {a} vs {b}' for k, (a, b) in diff.items())}")
         cfg = saved
         model = checkpoint.load(out).to(device).train()
-        state = torch.load(out / STATE_FILE, weights_only=False)
-        start, log = state["step"], json.loads((out / LOG_FILE).read_text())
+        check_target(out, True, "checkpoint", sources)      # saving must not delete an input
+        start, log = state["step"], train_state.read_json(out / LOG_FILE)
     else:
         if out.exists():
             raise StagError(f"{out}: already exists; pass --resume to continue it or choose "
                             "another folder")
         tok = (load_tokenizer(tokenizer_file) if tokenizer_file
-               else train_tokenizer(text, vocab_size or cfg.vocab_size))
+               else train_tokenizer(text, tokenizer_size(cfg, overrides, vocab_size)))
         cfg = cfg.replace(vocab_size=tok.get_vocab_size())
         model = StagFormer(cfg)
         model.reset_parameters(opts.seed)
         model = model.to(device).train()
         start, log, state = 0, [], None
-    opts.check(cfg)
     data = Data.build(tok, text, val_text, opts.val_fraction, opts.seq_len + 1)
     opt = make_optimizer(model, opts)
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        train_state.restore(opt, state, out)
     tokens_per_step = opts.batch_size * opts.seq_len
     with progress(show_progress) as bar:
         task = bar.add_task("train", total=opts.steps, completed=start)
@@ -191,5 +211,5 @@ def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: li
                        f"{'val bpb %.3f ' % entry['val_bpb'] if 'val_bpb' in entry else ''}"
                        f"{rate:,.0f} tok/s")
             if (step + 1) % opts.save_every == 0 or step + 1 == opts.steps:
-                _save(model, out, tok, opt, step + 1, opts, log)
+                _save(model, out, tok, opt, step + 1, opts, log, sources)
     return log

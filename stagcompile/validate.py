@@ -13,17 +13,19 @@ dtype-appropriate tolerances (the ort flavour's different layout is translated b
 `stagcompile.ort_replay`). Then the runtime's greedy tokens (both schedules, every ONNX Runtime
 flavour) are checked against the trace. A failure names the stack, output, step, worst element and its error, and saves the
 inputs and expected outputs so the printed `polygraphy run ...` command reproduces it.
-Writes `validation/report.json`. Needs no torch.
+Writes `validation/report.json` (atomically). Needs no torch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from stagcompile.atomic import check_writable, write_text_atomic
 from stagcompile.errors import StagError
 from stagcompile.ort_replay import OrtReplay
 from stagcompile.replay import Trace
@@ -253,8 +255,11 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
         raise StagError(str(exc)) from None
     d_atol, d_rtol = TOLERANCES[bundle.dtype]
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
-    if atol < 0 or rtol < 0:
-        raise StagError(f"--atol {atol} / --rtol {rtol}: tolerances must be >= 0")
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if not (math.isfinite(value) and value >= 0):
+            raise StagError(f"{flag} {value}: tolerances must be finite numbers >= 0")
+    report_file = bundle.root / "validation" / "report.json"
+    check_writable(report_file)
     _quiet_polygraphy()
     ready, skipped = available_backends(bundle)
     report = Report(str(root), bundle.dtype, atol, rtol, skipped=skipped)
@@ -291,8 +296,7 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
             bar.update(task, description=f"greedy tokens: {backend} {schedule}")
             report.tokens.append(_token_check(bundle, trace, backend, schedule, atol, flavour))
             bar.advance(task)
-    (bundle.root / "validation").mkdir(exist_ok=True)
-    (bundle.root / "validation" / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    write_text_atomic(report_file, json.dumps(report.to_dict(), indent=2), "validation report")
     return report
 
 

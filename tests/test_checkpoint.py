@@ -94,3 +94,15 @@ def test_mixed_and_unsupported_dtypes(tmp_path):
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="dtype float64 not supported"):
         checkpoint.load(path)
+
+
+def test_non_finite_weights_are_named(tmp_path):
+    path = _saved(tmp_path)
+    state = dict(make_model(preset("tiny")).state_dict())
+    state["norm_f.weight"][3] = float("nan")
+    state["embed.weight"][:2, 0] = float("inf")
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: non-finite weights \(NaN or "
+                                              r"inf\) in 2 tensor\(s\): embed.weight \(2 of "
+                                              r"3,104\), norm_f.weight \(1 of 32\)"):
+        checkpoint.load(path)

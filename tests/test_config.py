@@ -33,6 +33,12 @@ def test_small_and_base_sizes():
     ({"n_heads": True}, "n_heads=True: expected an integer, got bool"),
     ({"norm_eps": 2.0}, "norm_eps=2.0: must be in (0, 1)"),
     ({"num_stacks": 1, "cross_window": 4}, "cross_window=4: needs num_stacks >= 2"),
+    ({"rope_theta": float("nan")}, "rope_theta=nan: must be a finite number"),
+    ({"rope_theta": float("inf")}, "rope_theta=inf: must be a finite number"),
+    ({"rope_theta": 10**400}, "must be a finite number"),
+    ({"norm_eps": float("nan")}, "norm_eps=nan: must be a finite number"),
+    ({"vocab_size": 10**12}, "vocab_size=1000000000000: must be <= 2147483647"),
+    ({"max_seq_len": 2**63}, "max_seq_len=9223372036854775808: must be <= 2147483647"),
 ])
 def test_invalid_values_are_named(changes, message):
     with pytest.raises(ConfigError) as err:
@@ -51,6 +57,9 @@ def test_unknown_and_missing_json_keys():
         StagConfig.from_json("{oops", "x.json")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         StagConfig.from_json("[1, 2]")
+    text = preset("tiny").to_json().replace('"rope_theta": 10000.0', '"rope_theta": NaN')
+    with pytest.raises(ConfigError, match="x.json: config field rope_theta=nan: must be a finite"):
+        StagConfig.from_json(text, "x.json")
 
 
 def test_overrides_parse_with_field_types():
@@ -64,6 +73,8 @@ def test_overrides_parse_with_field_types():
         preset("tiny").with_overrides(["num_stacks"])
     with pytest.raises(ConfigError, match="num_stacks=two: expected an integer"):
         preset("tiny").with_overrides(["num_stacks=two"])
+    with pytest.raises(ConfigError, match="rope_theta=inf: must be a finite number"):
+        preset("tiny").with_overrides(["rope_theta=inf"])
 
 
 def test_unknown_preset():

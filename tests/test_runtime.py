@@ -22,6 +22,7 @@ from stagcompile.config import preset
 from stagcompile.generate import cached_generate
 from stagcompile.runtime import BundleError, CapacityError, Generator
 from stagcompile.runtime.sampling import Sampler, Sampling
+from stagcompile.runtime.stats import KEEP, Stats
 
 NEW = 14
 FLAVOURS = pytest.mark.parametrize("flavour", ["ort", "portable"])
@@ -100,6 +101,11 @@ def test_sampling_is_seeded_and_respects_top_k_top_p():
     assert set(Sampler(Sampling(temperature=1.0, top_p=0.01, seed=0))(logits)) == {0}
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
+    for kwargs, flag in [({"temperature": float("nan")}, "--temperature"),
+                         ({"temperature": float("inf")}, "--temperature"),
+                         ({"top_p": float("nan")}, "--top-p"), ({"seed": -5}, "--seed")]:
+        with pytest.raises(ValueError, match=flag):
+            Sampling(**kwargs)
 
 
 BLOCKER = textwrap.dedent("""
@@ -219,3 +225,66 @@ def test_chunked_prefill_matches_one_shot(bundle_root, cfg, flavour):
         np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
         assert np.array_equal(toks, want_toks), chunk
         gen.close()
+
+
+def test_stats_are_bounded_and_exact_for_thousands_of_steps():
+    rng = np.random.default_rng(0)
+    short, long = Stats(batch=1), Stats(batch=1)
+    times = rng.lognormal(-6, 0.5, KEEP)
+    for t in times:
+        short.add_step(t)
+    got = short.summary()
+    assert got["decode_ms_median"] == pytest.approx(np.median(times) * 1e3, rel=1e-12)
+    assert got["decode_ms_p90"] == pytest.approx(np.percentile(times, 90) * 1e3, rel=1e-12)
+    assert got["decode_tokens_per_s"] == pytest.approx(KEEP / times.sum(), rel=1e-12)
+    many = rng.lognormal(-6, 0.5, 50 * KEEP)
+    for t in many:
+        long.add_step(t)
+    assert long.step_sample.values.nbytes == short.step_sample.values.nbytes == 8 * KEEP
+    assert long.steps == len(many) and long.decode_s == pytest.approx(many.sum(), rel=1e-9)
+    s = long.summary()      # a uniform sample of 4096: the quantiles land within 2 % here
+    assert s["decode_ms_median"] == pytest.approx(np.median(many) * 1e3, rel=0.02)
+    assert s["decode_ms_p90"] == pytest.approx(np.percentile(many, 90) * 1e3, rel=0.02)
+
+
+def test_stack_errors_name_the_stack_and_step():
+    from stagcompile.runtime.scheduler import Scheduler, StackError
+
+    class Failing:
+        name, concurrency, ios = "fake", "threads", [{}, {}]
+
+        def open(self, batch):
+            pass
+
+        def prefill(self, ids, pos):
+            for k in range(2):
+                if k == 1:
+                    raise RuntimeError("[Fake] bad\ninput shape")
+            return np.zeros((1, 4), np.float32)
+
+        def set_step(self, tokens, pos):
+            pass
+
+        def launch(self, k, parity):
+            if k == 1:
+                raise RuntimeError("[Fake] stack two\nbroke")
+
+        def finish(self):
+            return np.zeros((1, 4), np.float32)
+
+        def close(self):
+            pass
+
+    for schedule in ("staggered", "sequential"):
+        sched = Scheduler(Failing(), schedule, 64, False)
+        sched.start(1)
+        with pytest.raises(StackError, match=r"^stack 2 graph failed on the prompt \(fake "
+                                             r"backend, prefill of positions 0..2\): \[Fake\] "
+                                             r"bad input shape$"):
+            sched.prefill(np.zeros((1, 3), np.int64))
+        sched.pos = 3
+        with pytest.raises(StackError, match=r"^stack 2 graph failed \(fake backend, decode step "
+                                             r"at position 3\): \[Fake\] stack two broke$"):
+            sched.step(np.zeros(1, np.int64))
+        sched.close()
+

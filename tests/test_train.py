@@ -80,3 +80,88 @@ def test_bad_input(tmp_path, text_file):
               resume=True, show_progress=False)
     with pytest.raises(StagError, match="already exists; pass --resume"):
         train([text_file], tmp_path / "c", "tiny", OVERRIDES, opts(2), show_progress=False)
+
+
+class Payload:
+    """Unpickling this creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_state_is_safetensors_and_json_never_pickle(tmp_path, text_file):
+    import pickle
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    train([text_file], out, "tiny", OVERRIDES, opts(1), vocab_size=300, show_progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert "train_state.json" in names and "train_state.safetensors" in names
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".bin"))]
+    meta = json.loads((out / "train_state.json").read_text())
+    assert meta["step"] == 1 and meta["options"]["seq_len"] == 32
+    assert "state.0.exp_avg" in load_file(str(out / "train_state.safetensors"))
+    # a state from an older stagcompile (a pickle) is refused without being unpickled
+    marker = tmp_path / "pwned"
+    (out / "train_state.pt").write_bytes(pickle.dumps(Payload(marker)))
+    for name in ("train_state.json", "train_state.safetensors"):
+        (out / name).unlink()
+    with pytest.raises(StagError, match="train_state.pt: a pickled trainer state.*not loaded"):
+        train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)
+    assert not marker.exists()
+
+
+def test_corrupt_resume_state_is_named(tmp_path, text_file):
+    out = tmp_path / "run"
+    train([text_file], out, "tiny", OVERRIDES, opts(1), vocab_size=300, show_progress=False)
+    state = out / "train_state.json"
+    good = state.read_text()
+    for text, match in [("{oops", "train_state.json: not a readable JSON file"),
+                        (good.replace('"step": 1', '"step": -1'), "field step should be"),
+                        (good.replace('"format": "stagcompile-train-state"', '"format": "x"'),
+                         "not a stagcompile trainer state")]:
+        state.write_text(text)
+        with pytest.raises(StagError, match=match):
+            train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)
+    state.write_text(good)
+    (out / "train_log.json").write_text("[{")
+    with pytest.raises(StagError, match="train_log.json: not a readable JSON file"):
+        train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)
+    (out / "train_state.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(StagError, match="train_state.safetensors: not a readable safetensors"):
+        train([text_file], out, "tiny", OVERRIDES, opts(2), resume=True, show_progress=False)
+
+
+def test_demo_store_reads_the_options_and_never_replaces_its_run(tmp_path, text_file):
+    from stagcompile.demo.__main__ import main as store_demo
+    run = tmp_path / "run"
+    train([text_file], run, "tiny", OVERRIDES, opts(1), vocab_size=300, show_progress=False)
+    store_demo(run, tmp_path / "demo")
+    card = (tmp_path / "demo" / "MODEL_CARD.md").read_text()
+    assert "--batch-size 4 --seq-len 32 --lr 0.01 --warmup 2" in card
+    assert not (tmp_path / "demo" / "train_state.json").exists()
+    for dest in (run, tmp_path):
+        with pytest.raises(StagError, match="(is|contains) the input"):
+            store_demo(run, dest)
+    assert (run / "train_state.json").is_file()
+
+
+def test_preset_defaults_fit_the_tokenizer_and_the_model(tmp_path, text_file):
+    """`train --preset tiny` with no --vocab-size or --seq-len: tiny's 97-token vocabulary is
+    raised to the byte-level minimum, the sequence to its max_seq_len (64)."""
+    small = tmp_path / "small.txt"
+    small.write_text(text_file.read_text()[:60000])
+    quick = TrainOptions(steps=1, batch_size=2, eval_every=1, eval_batches=1)
+    log = train([small], tmp_path / "a", "tiny", [], quick, show_progress=False)
+    assert log[-1]["step"] == 1
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["vocab_size"] == 257
+    assert json.loads((tmp_path / "a" / "train_state.json").read_text())["options"]["seq_len"] == 64
+    with pytest.raises(StagError, match="--set vocab_size=100: a byte-level BPE needs >= 257"):
+        train([small], tmp_path / "b", "tiny", ["vocab_size=100"], quick, show_progress=False)
+    with pytest.raises(StagError, match="--seed -5: must be >= 0"):
+        train([small], tmp_path / "b", "tiny", [], TrainOptions(seed=-5), show_progress=False)

@@ -16,7 +16,7 @@ from stagcompile import checkpoint
 from stagcompile.config import preset
 from stagcompile.errors import StagError
 from stagcompile.runtime import BundleError, Generator
-from stagcompile.runtime.bundle import sha256
+from stagcompile.runtime.bundle import Bundle, sha256
 from stagcompile.validate import validate_bundle
 
 EXE = shutil.which("stagcompile", path=os.path.dirname(sys.executable))
@@ -56,7 +56,7 @@ def test_validate_passes_then_names_a_perturbed_weight(bundle_root, tmp_path, cf
     man = json.loads((bundle / "manifest.json").read_text())
     for f in (rel, rel + ".data"):
         man["files"][f] = sha256(bundle / f)
-    (bundle / "manifest.json").write_text(json.dumps(man))
+    Bundle(bundle, man).write_manifest()
 
     report = validate_bundle(bundle, show_progress=False)
     assert not report.passed

@@ -3,13 +3,12 @@ tokenizer, no optimizer state) and write its model card from the run's train_log
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from stagcompile import checkpoint
+from stagcompile import checkpoint, train_state
 from stagcompile.train import LOG_FILE
 
 CARD = """# stagcompile demo checkpoint
@@ -34,12 +33,12 @@ Evaluation history (step, val loss, val bits per byte):
 
 def main(run: Path, dest: Path) -> None:
     model = checkpoint.load(run)
-    log = json.loads((run / LOG_FILE).read_text())
-    state = torch.load(run / "train_state.pt", weights_only=False)
-    opts = state["options"]
+    log = train_state.read_json(run / LOG_FILE)
+    opts = train_state.load(run)["options"]
     checkpoint.save(model, dest, dtype=torch.float16, tokenizer=run / "tokenizer.json",
-                    force=True, extra_files={"__init__.py": (Path(__file__).parent / "__init__.py").read_text(),
-                                             "__main__.py": Path(__file__).read_text()})
+                    force=True, sources=[run],
+                    extra_files={"__init__.py": (Path(__file__).parent / "__init__.py").read_text(),
+                                 "__main__.py": Path(__file__).read_text()})
     cfg, last = model.cfg, log[-1]
     params = sum(p.numel() for p in model.parameters())
     card = CARD.format(

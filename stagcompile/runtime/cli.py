@@ -4,7 +4,9 @@
     python -m runtime --ids 1,2,3 --schedule sequential          (from inside BUNDLE)
 
 Streams the text to stdout as it is produced, then prints the prefill time, the per-token decode
-latency (median, p90), tokens per second, backend and schedule to stderr.
+latency (median, p90), tokens per second, backend and schedule to stderr. Ctrl-C stops the
+generation and still prints the summary ("stopped: interrupted"; exit status 130). Memory does not
+grow with the number of tokens when streaming one row (see stats.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def _ids(args) -> np.ndarray:
         raise ValueError(f"--ids {args.ids}: give at least one token id per row")
     if len({len(r) for r in rows}) != 1:
         raise ValueError("every --ids row must have the same length")
+    huge = [x for r in rows for x in r if not -2**63 <= x < 2**63]
+    if huge:
+        raise ValueError(f"--ids: token id {huge[0]} is out of range (ids are 0 .. vocab_size - 1)")
     return np.array(rows, dtype=np.int64)
 
 
@@ -67,6 +72,7 @@ def main(argv=None, default_bundle: Path | None = None) -> int:
     if args.bundle is None:
         print("error: --bundle is required", file=sys.stderr)
         return 2
+    gen = None
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         gen = Generator.load(args.bundle, args.backend, args.schedule, args.threads, args.spinning,
@@ -76,24 +82,41 @@ def main(argv=None, default_bundle: Path | None = None) -> int:
         if ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}), got {ids.min()}..{ids.max()}")
         eos = args.eos_id if args.eos_id is not None else gen.eos_id
-        out = []
-        for tokens in gen.stream(ids, args.max_new_tokens, sampling, eos):
-            out.append(tokens)
-            if not args.no_stream and ids.shape[0] == 1:
-                piece = gen.decode([tokens[0]])
-                sys.stdout.write(piece if gen.tokenizer else piece + " ")
-                sys.stdout.flush()
-        if args.no_stream or ids.shape[0] > 1:
-            for row in np.stack(out, 1):
-                print(gen.decode(row))
-        else:
-            print()
+        generate(gen, ids, args, sampling, eos)
         report(gen)
-        gen.close()
     except (BundleError, CapacityError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if gen is None:
+            print("interrupted", file=sys.stderr)
+        else:
+            gen.stats.stopped = "interrupted"
+            print()
+            report(gen)
+        return 130
+    finally:
+        if gen is not None:
+            gen.close()
     return 0
+
+
+def generate(gen: Generator, ids: np.ndarray, args, sampling: Sampling, eos) -> None:
+    """Stream one row's text as it comes; print a batch (or --no-stream) at the end."""
+    stream = not args.no_stream and ids.shape[0] == 1
+    out = []
+    for tokens in gen.stream(ids, args.max_new_tokens, sampling, eos):
+        if stream:
+            piece = gen.decode([tokens[0]])
+            sys.stdout.write(piece if gen.tokenizer else piece + " ")
+            sys.stdout.flush()
+        else:
+            out.append(tokens)
+    if stream:
+        print()
+    else:
+        for row in np.stack(out, 1):
+            print(gen.decode(row))
 
 
 def report(gen: Generator) -> None:

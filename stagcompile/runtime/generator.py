@@ -3,7 +3,7 @@
     gen = Generator.load("bundle", backend="ort", schedule="staggered")
     for tokens in gen.stream(gen.encode(["Once upon a time"]), max_new_tokens=32):
         ...                                       # tokens [B] as they are produced
-    gen.stats                                     # prefill time, per-step latencies
+    gen.stats                                     # prefill time, per-step latencies (bounded)
 
 Only numpy, tokenizers (when the bundle has tokenizer.json) and the backend's library are needed.
 """
@@ -11,36 +11,15 @@ Only numpy, tokenizers (when the bundle has tokenizer.json) and the backend's li
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .bundle import Bundle, BundleError
 from .sampling import Sampler, Sampling
 from .scheduler import CapacityError, Scheduler
+from .stats import Stats
 
 BACKENDS = ("ort", "trt", "ort-cuda")
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    batch: int = 0
-    prefill_s: float = 0.0
-    step_s: list = field(default_factory=list)
-    stopped: str = ""
-
-    def summary(self) -> dict:
-        steps = np.array(self.step_s) * 1e3 if self.step_s else np.zeros(1)
-        n = len(self.step_s)
-        total = self.prefill_s + float(np.sum(self.step_s))
-        return {"prompt_tokens": self.prompt_tokens, "batch": self.batch,
-                "new_tokens": n + 1 if self.prefill_s else 0,
-                "prefill_ms": self.prefill_s * 1e3,
-                "decode_ms_median": float(np.median(steps)), "decode_ms_p90":
-                float(np.percentile(steps, 90)), "decode_tokens_per_s": (
-                    self.batch * n / float(np.sum(self.step_s)) if n else 0.0),
-                "total_s": total, "stopped": self.stopped}
 
 
 def make_backend(bundle: Bundle, backend: str, schedule: str, threads=None, spinning=False,
@@ -63,6 +42,20 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def load_tokenizer(path, vocab_size: int):
+    """A tokenizer.json for a model of `vocab_size`; BundleError if it does not load or its ids
+    reach past the embedding (export checks the checkpoint's with this too)."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:      # tokenizers raises a bare Exception on bad files
+        raise BundleError(f"{path}: not a tokenizers JSON file ({exc})") from None
+    if tok.get_vocab_size() > vocab_size:
+        raise BundleError(f"{path}: the tokenizer has {tok.get_vocab_size()} tokens, more than "
+                          f"the model's vocab_size={vocab_size}")
+    return tok
+
+
 def _check_prompt(ids: np.ndarray) -> None:
     if ids.ndim != 2 or 0 in ids.shape:
         raise ValueError(f"prompt ids must have shape [batch, tokens] with batch, tokens >= 1, "
@@ -77,10 +70,8 @@ class Generator:
         caches = bundle.manifest["caches"]
         self.scheduler = Scheduler(backend, schedule, bundle.config["max_seq_len"],
                                    caches["unbounded_length"], bundle.manifest["max_batch"])
-        self.tokenizer = None
-        if bundle.tokenizer is not None:
-            from tokenizers import Tokenizer
-            self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer))
+        self.tokenizer = (None if bundle.tokenizer is None
+                          else load_tokenizer(bundle.tokenizer, bundle.config["vocab_size"]))
         self.stats = Stats()
 
     @classmethod
@@ -156,7 +147,7 @@ class Generator:
                 break
             t1 = time.perf_counter()
             logits = self.step(tokens)
-            st.step_s.append(time.perf_counter() - t1)
+            st.add_step(time.perf_counter() - t1)
 
     def generate(self, ids: np.ndarray, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
                  eos_id: int | None = None) -> np.ndarray:

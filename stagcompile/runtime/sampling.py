@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +16,15 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} (--temperature): must be a finite "
+                             "number >= 0 (0 = greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+            raise ValueError(f"top_k={self.top_k} (--top-k): must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+            raise ValueError(f"top_p={self.top_p} (--top-p): must be in (0, 1]")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed={self.seed} (--seed): must be >= 0")
 
 
 class Sampler:

@@ -11,6 +11,12 @@
 A step is: write token and position in place -> run stacks (each commits its own entries) ->
 read logits. The commit, the barrier and the sampling are the only serial parts. Prefill runs
 the prompt in chunks (stack after stack per chunk).
+
+An error a backend raises while running graphs (ONNX Runtime's, TensorRT's, any library's) comes
+out as one `StackError` naming the stack, the step or prompt positions, the backend and the
+library's message. In a prefill the stacks run inside the backend one after another; the stack
+is the loop variable `k` of the backend's frame the error passed through (every backend loops
+over stacks with `k`; without one the message names the prompt positions only).
 """
 
 from __future__ import annotations
@@ -19,12 +25,33 @@ import threading
 
 import numpy as np
 
+from .bundle import BundleError
+
 SCHEDULES = ("staggered", "sequential")
 PREFILL_CHUNK = 256     # tokens per prefill run: bounds a prefill's activation memory
 
 
 class CapacityError(Exception):
     """The cache of a model with unbounded attention is full."""
+
+
+class StackError(BundleError):
+    """A stack graph failed while running."""
+
+
+def _failed(what: str, exc: BaseException) -> StackError:
+    return StackError(f"{what}: {' '.join(str(exc).split()) or type(exc).__name__}")
+
+
+def _stack_in(exc: BaseException, backend) -> int | None:
+    """The 0-based stack `backend`'s loop was on when `exc` passed through it, if any."""
+    k, tb = None, exc.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if local.get("self") is backend and isinstance(local.get("k"), int):
+            k = local["k"]
+        tb = tb.tb_next
+    return k
 
 
 class StackPool:
@@ -96,7 +123,7 @@ class Scheduler:
         self.num_stacks = len(backend.ios)
         self.pool = None
         if schedule == "staggered" and backend.concurrency == "threads" and self.num_stacks > 1:
-            self.pool = StackPool(backend.launch, self.num_stacks)
+            self.pool = StackPool(self.launch, self.num_stacks)
         self.pos = 0
 
     def room(self, n: int = 1) -> bool:
@@ -120,9 +147,28 @@ class Scheduler:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = np.ascontiguousarray(ids[:, start:start + self.prefill_chunk])
-            logits = self.backend.prefill(chunk, self.pos)
+            try:
+                logits = self.backend.prefill(chunk, self.pos)
+            except (BundleError, CapacityError):
+                raise
+            except Exception as exc:
+                k = _stack_in(exc, self.backend)
+                where = "the stack graphs" if k is None else f"stack {k + 1} graph"
+                raise _failed(f"{where} failed on the prompt ({self.backend.name} backend, prefill "
+                              f"of positions {self.pos}..{self.pos + chunk.shape[1] - 1})", exc) \
+                    from exc
             self.pos += chunk.shape[1]
         return logits
+
+    def launch(self, k: int, parity: int) -> None:
+        """Stack k's decode step on the backend; its errors name the stack."""
+        try:
+            self.backend.launch(k, parity)
+        except (BundleError, CapacityError):
+            raise
+        except Exception as exc:
+            raise _failed(f"stack {k + 1} graph failed ({self.backend.name} backend, decode step "
+                          f"at position {self.pos})", exc) from exc
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens [B] at position self.pos -> logits [B, V]."""
@@ -135,7 +181,7 @@ class Scheduler:
             self.pool.run(parity)
         else:
             for k in range(self.num_stacks):
-                self.backend.launch(k, parity)
+                self.launch(k, parity)
         self.pos += 1
         return self.backend.finish()
 
