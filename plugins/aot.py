@@ -21,6 +21,9 @@ and 9.4 for sm_90 with triton 3.9), which a driver older than that CUDA release 
 (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). `compile_ptx` pins the oldest ISA that knows the target
 instead (`MIN_PTX_VERSION`: 7.4 for sm_87, 8.0 for sm_90); pass `ptx_version` to override.
 
+Triton >= 3.3 (`MIN_TRITON`): its `ASTSource` takes the signature by name with constexprs in it
+and `attrs` as a dict; 3.2 took an `AttrsDescriptor`.
+
 Shared memory is kept under 48 KiB (`MAX_STATIC_SHARED`): a launch needs an explicit opt-in
 (cudaFuncSetAttribute) for more, and TensorRT's documentation does not say that it opts in.
 """
@@ -45,6 +48,7 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TRITON_POS_DTYPES = {"int64": "*i64", "int32": "*i32"}
 BUNDLE_TARGETS = (87, 90)                   # Jetson Orin, Hopper (H100/H200)
 MAX_STATIC_SHARED = 48 * 1024               # per block without an opt-in (see module doc)
+MIN_TRITON = (3, 3)                         # the ASTSource API used below (see module doc)
 
 # Oldest PTX ISA (x10) that knows each target, as Triton compiles it (sm_90 -> sm_90a, which
 # needs 8.0): CUDA 11.0 / 11.1 / 11.4 / 11.8 / 12.0 / 12.8. Each assembles with ptxas here.
@@ -64,6 +68,15 @@ class AotKernel:
     shared_mem: int             # bytes of shared memory per block
     config: spec.KernelConfig   # block sizes baked in
     hidden_params: int          # unused Triton scratch params dropped from the PTX
+
+
+def check_triton_version(version: str) -> None:
+    from packaging.version import Version  # a dependency of onnxruntime
+
+    if Version(version).release[:2] < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        raise AotError(f"triton {version} is too old for AOT compilation: it needs triton >= "
+                       f"{need} (ASTSource with dict attrs); pip install 'triton>={need}'")
 
 
 def default_ptx_version(cc: int) -> int | None:
@@ -114,8 +127,11 @@ def compile_ptx(dtype: str, head_dim: int, window: int, scale: float, cc: int,
 
     A process whose triton was imported in interpreter mode cannot compile natively (Triton's
     own `tl` helpers are interpreted functions there), so it compiles in a child process."""
+    import triton
+
     from plugins.triton_kernel import interpreter_mode
 
+    check_triton_version(triton.__version__)
     spec.check_dtypes(dtype, dtype, dtype, dtype, dtype, pos_dtype)
     spec.check_attrs(window, scale)
     spec.check_head_dim(head_dim)

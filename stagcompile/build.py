@@ -5,7 +5,8 @@
 
     module      `tensorrt` (10.x / 11.x, builds on the GPU that will run the engines) if importable,
                 else TensorRT-RTX (`tensorrt_rtx`, or `tensorrt_rtx_bindings`: builds on a CPU,
-                engines for every RTX GPU from Ampere on, JIT-specialised when loaded)
+                engines for RTX GPUs of compute capability 8.0, 8.6, 8.9, 12.0, 12.1 (not
+                Hopper), JIT-specialised when loaded)
     flavour     plugin graphs when this TensorRT builds AOT `tensorrt.plugin` plugins (the
                 BoundedWindowAttention plugin is registered for the GPU's compute capability
                 before parsing), else the portable graphs; the reason is returned and recorded
@@ -38,12 +39,13 @@ from stagcompile.errors import StagError
 from stagcompile.progress import progress
 from stagcompile.runtime.bundle import Bundle, BundleError, sha256
 from stagcompile.runtime.device import DeviceError, gpu_info
-from stagcompile.runtime.trt_backend import RTX_MODULES, make_logger
+from stagcompile.runtime.trt_backend import RTX_DEFAULT_CC, RTX_MODULES, cc_list, make_logger
 
 MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 PRECISIONS = {"graph": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 WEAK_FLAGS = {"float16": "FP16", "bfloat16": "BF16"}
-RTX_DEFAULT = "TensorRT-RTX default targets: every GPU of compute capability 8.0 and newer"
+RTX_DEFAULT = (f"TensorRT-RTX default targets: RTX GPUs of compute capability "
+               f"{cc_list(RTX_DEFAULT_CC)} (not Turing 7.5, not Hopper or other datacenter GPUs)")
 ENGINES = "engines"
 
 

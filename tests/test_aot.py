@@ -16,6 +16,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no AOT compilation")
 
+from conftest import extra_requirement  # noqa: E402
 from plugins import aot, spec  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -113,3 +114,13 @@ def test_bad_arguments():
         aot.compile_ptx("float16", 64, -1, 0.125, 90)
     with pytest.raises(spec.AttentionSpecError, match="head dim D=512"):
         aot.compile_ptx("float16", 512, 0, 0.125, 90)
+
+
+def test_triton_pin_matches_the_astsource_api_aot_uses():
+    """Triton 3.2's ASTSource takes an AttrsDescriptor; aot needs >= 3.3 and says so."""
+    spec_set = extra_requirement("plugin", "triton").specifier
+    need = ".".join(map(str, aot.MIN_TRITON))
+    assert not spec_set.contains("3.2.0") and spec_set.contains(f"{need}.0")
+    aot.check_triton_version(triton.__version__)
+    with pytest.raises(aot.AotError, match=r"triton 3.2.0 is too old.*triton>=3.3"):
+        aot.check_triton_version("3.2.0")

@@ -68,7 +68,7 @@ def test_build_writes_engines_and_manifest(built):
         assert bundle.manifest["files"][rel] == digest
     assert meta["flavour"] == "portable" and "TensorRT-RTX" in meta["reason"]
     assert meta["tensorrt"] == {"module": RTX, "version": importlib.import_module(RTX).__version__}
-    assert meta["gpu"] is None and "compute capability 8.0 and newer" in meta["built_for"]
+    assert meta["gpu"] is None and "8.0, 8.6, 8.9, 12.0, 12.1" in meta["built_for"]
     assert [(p["index"], p["name"], p["seq"]) for p in meta["profiles"]] == \
         [(0, "decode", [1, 1, 1]), (1, "prefill", [1, 8, 16])]
     assert all(p["batch"] == [1, 4, 8] for p in meta["profiles"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bundle_for
+from conftest import bundle_for, extra_requirement
 from stagcompile.config import preset
 from stagcompile.runtime import device, trt_backend
 from stagcompile.runtime.bundle import Bundle, BundleError
@@ -57,13 +57,31 @@ def test_compat_of_rtx_engines_follows_their_targets():
     rtx = dict(META, tensorrt={"module": "tensorrt_rtx_bindings", "version": "1.7.1.116"},
                gpu=None, compute_capabilities=[])
     check_engine_compat(rtx, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", (8, 9))
-    with pytest.raises(BundleError, match="compute capability >= 8.0"):
+    check_engine_compat(rtx, "tensorrt_rtx", "1.7.1.116", "NVIDIA GB10", (12, 1))
+    with pytest.raises(BundleError, match="default compute capabilities 8.0, 8.6, 8.9, 12.0, "
+                                          "12.1, this GPU is .*2080.*explicit target"):
         check_engine_compat(rtx, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080", (7, 5))
+    turing = dict(rtx, compute_capabilities=[[7, 5]])
+    check_engine_compat(turing, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080", (7, 5))
     only = dict(rtx, compute_capabilities=[[12, 0]])
     with pytest.raises(BundleError, match="built for compute capabilities 12.0"):
         check_engine_compat(only, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", (8, 9))
     with pytest.raises(BundleError, match="no TensorRT engines"):
         check_engine_compat(None, "tensorrt", "10.9", "x", (9, 0))
+
+
+@pytest.mark.parametrize("name, cc", [("NVIDIA H200", (9, 0)), ("NVIDIA B200", (10, 0)),
+                                      ("Tesla V100-SXM2-16GB", (7, 0)), ("Orin", (8, 7))])
+def test_rtx_engines_refuse_gpus_tensorrt_rtx_does_not_support(name, cc):
+    """TensorRT-RTX targets RTX GPUs (7.5, 8.0, 8.6, 8.9, 12.0, 12.1): no Hopper, no datacenter
+    Blackwell, whatever targets the manifest lists."""
+    rtx = dict(META, tensorrt={"module": "tensorrt_rtx_bindings", "version": "1.7.1.116"},
+               gpu=None, compute_capabilities=[])
+    for meta in (rtx, dict(rtx, compute_capabilities=[list(cc)])):
+        with pytest.raises(BundleError, match=r"RTX GPUs of compute capability 7\.5, 8\.0, "
+                                              r"8\.6, 8\.9, 12\.0, 12\.1 only.*pip install "
+                                              "tensorrt"):
+            check_engine_compat(meta, "tensorrt_rtx", "1.7.1.116", name, cc)
 
 
 # ---- imports and missing dependencies ----------------------------------------------------------
@@ -87,6 +105,13 @@ def test_module_imports_without_tensorrt():
             "print(sorted(m for m in sys.modules if m.startswith(('tensorrt', 'cuda'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cuda_python_pin_stays_on_cuda_12_drivers():
+    """cuda-python 13 needs an R580+ driver (JetPack 6 and CUDA 12 drivers cannot load it): the
+    gpu extra resolves to 12.x; 13.x is an explicit opt-in the runtime also supports."""
+    spec = extra_requirement("gpu", "cuda-python").specifier
+    assert spec.contains("12.6.1") and spec.contains("12.9.4") and not spec.contains("13.0.0")
 
 
 def fake_bundle(engines) -> Bundle:

@@ -33,8 +33,8 @@ from .rings import role_map, shape_of
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 ALIGN = 256     # TensorRT requires >= 256-byte aligned tensor addresses (NvInferRuntime.h)
-INSTALL = ("pip install cuda-python (cuda-bindings >= 12.6.1; on Jetson the wheel matching "
-           "JetPack's CUDA)")
+INSTALL = ("pip install 'cuda-python>=12.6,<13' (CUDA 12 drivers, JetPack 6); cuda-python 13 "
+           "needs an R580+ driver")
 
 
 class DeviceError(BundleError):

@@ -33,7 +33,11 @@ from .rings import shape_of
 
 MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 RTX_MODULES = ("tensorrt_rtx", "tensorrt_rtx_bindings")
-RTX_DEFAULT_MIN_CC = (8, 0)     # TensorRT-RTX default targets: Ampere and newer (docs, CPU engines)
+# TensorRT-RTX runs on RTX GPUs only (trt.ComputeCapability: SM75, SM80, SM86, SM89, SM120, SM121;
+# no Hopper 9.x, no datacenter Blackwell 10.x). Engines built without an explicit target run on
+# all but Turing, which needs one (TensorRT-RTX docs, "CPU-Only AOT and TensorRT-RTX Engines").
+RTX_SUPPORTED_CC = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+RTX_DEFAULT_CC = RTX_SUPPORTED_CC[1:]
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64",
               "INT32": "int32"}
 
@@ -106,14 +110,20 @@ def check_engine_compat(meta: dict | None, module: str, version: str, gpu_name: 
             raise BundleError(f"the engines were built on {gpu.get('name')}, this GPU is {here} "
                               f"(engines are specific to the GPU model); {rebuild}")
         return
+    if cc not in RTX_SUPPORTED_CC:
+        raise BundleError(f"TensorRT-RTX engines run on RTX GPUs of compute capability "
+                          f"{cc_list(RTX_SUPPORTED_CC)} only, this GPU is {here}; use full "
+                          "TensorRT here (pip install tensorrt) and `stagcompile build BUNDLE`")
     targets = [tuple(int(x) for x in t) for t in meta.get("compute_capabilities") or []]
-    if targets and cc not in targets:
-        listed = ", ".join(f"{a}.{b}" for a, b in targets)
-        raise BundleError(f"the engines were built for compute capabilities {listed}, this GPU "
-                          f"is {here}; {rebuild}")
-    if not targets and cc < RTX_DEFAULT_MIN_CC:
-        raise BundleError(f"the engines target TensorRT-RTX's default GPUs (compute capability "
-                          f">= 8.0), this GPU is {here}; rebuild with an explicit target")
+    if cc not in (targets or RTX_DEFAULT_CC):
+        kind = "" if targets else "TensorRT-RTX's default "
+        raise BundleError(f"the engines were built for {kind}compute capabilities "
+                          f"{cc_list(targets or RTX_DEFAULT_CC)}, this GPU is {here}; {rebuild}"
+                          + ("" if targets else " for an explicit target"))
+
+
+def cc_list(ccs) -> str:
+    return ", ".join(f"{a}.{b}" for a, b in ccs)
 
 
 def profile_of(meta: dict, name: str) -> dict:
