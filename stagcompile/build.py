@@ -15,7 +15,8 @@
                 static dims (heads, cache capacity, head dim) come from the graph
     precision   "graph" = the exported dtype, strongly typed; fp16/bf16 from an fp32 graph only
                 on TensorRT 10.x (weak typing + BuilderFlag.FP16/BF16); 11.x and RTX are always
-                strongly typed (re-export with --dtype instead)
+                strongly typed (re-export with --dtype instead); fp32 engines are built with
+                TF32 off (TensorRT's default is on)
 
 Engines are written to a temporary folder inside the bundle, swapped in as `engines/`, then
 manifest.json is rewritten (`engines` metadata, checksums): a failed or cancelled (Ctrl-C) build
@@ -92,6 +93,19 @@ def resolve_precision(precision: str, graph_dtype: str, module: str, version: st
                         f"networks only, so an engine takes its graph's dtype ({graph_dtype}). "
                         f"Re-export with `stagcompile export --dtype {precision}`")
     return {"dtype": want, "strongly_typed": False, "flag": flag}
+
+
+def builder_config(trt, builder, prec: dict, workspace_mib: int):
+    """A builder config for `prec` (resolve_precision): workspace limit, the weak-typing flag,
+    and TF32 cleared for fp32 engines (TensorRT enables it by default; it rounds fp32 matmul
+    inputs to 10-bit mantissas, far outside fp32 tolerances)."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if prec["flag"]:
+        config.set_flag(getattr(trt.BuilderFlag, prec["flag"]))
+    if prec["dtype"] == "float32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return config
 
 
 def build_limits(manifest: dict, max_batch: int | None, max_prefill: int | None) -> tuple:
@@ -372,10 +386,7 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
                 bar.update(task, description=f"stack {k + 1}/{bundle.num_stacks}: parse")
                 network, _parser = _parse(trt, builder, logger, path, k + 1, bundle.io(k + 1),
                                           prec["strongly_typed"])
-                config = builder.create_builder_config()
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-                if prec["flag"]:
-                    config.set_flag(getattr(trt.BuilderFlag, prec["flag"]))
+                config = builder_config(trt, builder, prec, workspace_mib)
                 if timing_cache:
                     cache.attach(config)
                 for spec in profiles:
@@ -404,6 +415,7 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
                 **target, "profiles": profiles, "precision": prec["dtype"],
                 "build_options": {"precision": precision, "strongly_typed":
                                   prec["strongly_typed"], "builder_flag": prec["flag"],
+                                  "tf32": prec["dtype"] != "float32",
                                   "workspace_mib": workspace_mib, "max_batch": max_batch,
                                   "max_prefill": max_prefill},
                 "timing_cache": cache.save() if timing_cache else None}

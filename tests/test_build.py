@@ -6,6 +6,7 @@ mark)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import shutil
@@ -51,9 +52,20 @@ def built(exported, tmp_path_factory):
         pytest.skip("TensorRT-RTX is not installed")
     root = fresh(exported, tmp_path_factory.mktemp("built"))
     cache = root.parent / "timing.cache"
-    result = build_engines(root, timing_cache=cache, max_prefill=16, show_progress=False,
-                           module=RTX)
-    return root, cache, result
+    trt = importlib.import_module(RTX)
+    seen, build_network = [], trt.Builder.build_serialized_network
+
+    def spy(self, network, config):           # the TF32 flag each engine is built with
+        seen.append(config.get_flag(trt.BuilderFlag.TF32))
+        return build_network(self, network, config)
+
+    trt.Builder.build_serialized_network = spy
+    try:
+        result = build_engines(root, timing_cache=cache, max_prefill=16, show_progress=False,
+                               module=RTX)
+    finally:
+        trt.Builder.build_serialized_network = build_network
+    return root, cache, dict(result, tf32_at_build=seen)
 
 
 @needs_rtx
@@ -73,6 +85,7 @@ def test_build_writes_engines_and_manifest(built):
         [(0, "decode", [1, 1, 1]), (1, "prefill", [1, 8, 16])]
     assert all(p["batch"] == [1, 4, 8] for p in meta["profiles"])
     assert meta["precision"] == "float32" and meta["build_options"]["strongly_typed"]
+    assert result["tf32_at_build"] == [False] * 3 and meta["build_options"]["tf32"] is False
     assert meta["build_options"]["max_batch"] == 8 and meta["build_options"]["max_prefill"] == 16
     assert result["flavour"] == meta["flavour"] and result["paths"][0].endswith("stack1.plan")
     assert cache.stat().st_size == result["timing_cache"]["saved_bytes"] > 0
