@@ -52,8 +52,8 @@ MAX_STATIC_SHARED = 48 * 1024               # per block without an opt-in (see m
 MIN_TRITON = (3, 3)                         # the ASTSource API used below (see module doc)
 
 # Oldest PTX ISA (x10) that knows each target, as Triton compiles it (sm_90 -> sm_90a, which
-# needs 8.0): CUDA 11.0 / 11.1 / 11.4 / 11.8 / 12.0 / 12.8. Each assembles with ptxas here.
-MIN_PTX_VERSION = {80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 120: 87}
+# needs 8.0): CUDA 10.1 / 11.0 / 11.1 / 11.4 / 11.8 / 12.0 / 12.8. Each assembles with ptxas here.
+MIN_PTX_VERSION = {75: 64, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 120: 87}
 
 
 class AotError(RuntimeError):

@@ -18,6 +18,9 @@
                 strongly typed (re-export with --dtype instead); fp32 engines are built with
                 TF32 off (TensorRT's default is on)
 
+With triton installed, `engines/ring_commit.ptx` (plugins/ring_commit.py, manifest
+`engines.commit_kernel`) lets the runtime capture each decode step as a CUDA graph.
+
 Engines are written to a temporary folder inside the bundle, swapped in as `engines/`, then
 manifest.json is rewritten (`engines` metadata, checksums): a failed or cancelled (Ctrl-C) build
 leaves the previous bundle untouched.
@@ -26,6 +29,7 @@ leaves the previous bundle untouched.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -318,6 +322,25 @@ def _parse(trt, builder, logger, path: Path, stack: int, io: dict, strongly_type
     return network, parser
 
 
+def commit_kernel(folder: Path, cc: list | None) -> tuple[dict | None, str]:
+    """Write the device ring-commit kernel (plugins/ring_commit.py) as PTX into `folder`: the
+    TensorRT runtime captures each decode step as a CUDA graph with it. `cc` is the GPU's
+    compute capability (None: TensorRT-RTX's targets); the PTX is for sm_80 (sm_75 on Turing),
+    which the driver JIT-compiles for newer GPUs. Returns (manifest entry or None, note)."""
+    if importlib.util.find_spec("triton") is None:
+        return None, ("triton is not installed: no device commit kernel, so the runtime runs "
+                      "without CUDA graphs")
+    from plugins import aot, ring_commit
+    try:
+        kernel = ring_commit.compile_ptx(75 if cc and tuple(cc) < (8, 0) else ring_commit.BASE_CC)
+    except aot.AotError as exc:
+        return None, f"no device commit kernel, so no CUDA graphs ({exc})"
+    (folder / "ring_commit.ptx").write_text(kernel.ptx)
+    return ({"file": f"{ENGINES}/ring_commit.ptx", "name": kernel.name, "cc": kernel.cc,
+             "num_warps": kernel.num_warps}, f"device commit kernel for sm_{kernel.cc}: the "
+            "runtime captures each decode step as a CUDA graph")
+
+
 def _swap_in(bundle: Bundle, built: Path, manifest: dict) -> None:
     """Replace engines/ by `built` and rewrite the manifest; restore both on failure."""
     root, dest = bundle.root, bundle.root / ENGINES
@@ -410,7 +433,9 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
                 seconds.append(round(time.perf_counter() - start, 3))
                 bar.advance(task)
         files = [f"{ENGINES}/stack{k + 1}.plan" for k in range(bundle.num_stacks)]
+        commit, commit_note = commit_kernel(tmp, (target["gpu"] or {}).get("compute_capability"))
         meta = {"files": files, "flavour": flavour, "reason": reason,
+                "commit_kernel": commit, "commit_kernel_note": commit_note,
                 "tensorrt": {"module": module, "version": version},
                 **target, "profiles": profiles, "precision": prec["dtype"],
                 "build_options": {"precision": precision, "strongly_typed":
@@ -422,7 +447,8 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
         tmp.chmod(0o755)
         checksums = {k: v for k, v in bundle.manifest["files"].items()
                      if not k.startswith(ENGINES + "/")}
-        checksums.update({f: sha256(tmp / Path(f).name) for f in files})
+        checksums.update({f: sha256(tmp / Path(f).name)
+                          for f in files + ([commit["file"]] if commit else [])})
         versions = {**bundle.manifest.get("versions", {}), "tensorrt": f"{module} {version}"}
         _swap_in(bundle, tmp, {**bundle.manifest, "engines": meta, "files": checksums,
                                "versions": versions})

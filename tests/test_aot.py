@@ -91,7 +91,8 @@ def test_write_ptx_bundle(tmp_path):
 
 def test_ptx_version():
     assert (aot.default_ptx_version(87), aot.default_ptx_version(90)) == (74, 80)
-    assert aot.default_ptx_version(75) is None      # unknown: Triton's default
+    assert aot.default_ptx_version(75) == 64
+    assert aot.default_ptx_version(70) is None      # unknown: Triton's default
     with pytest.raises(aot.AotError, match="PTX ISA 7.0 cannot target sm_87"):
         aot.compile_ptx("float16", 64, 0, 0.125, 87, ptx_version=70)
 

@@ -86,6 +86,10 @@ def test_build_writes_engines_and_manifest(built):
     assert all(p["batch"] == [1, 4, 8] for p in meta["profiles"])
     assert meta["precision"] == "float32" and meta["build_options"]["strongly_typed"]
     assert result["tf32_at_build"] == [False] * 3 and meta["build_options"]["tf32"] is False
+    kernel = meta["commit_kernel"]                          # the runtime's CUDA graphs need it
+    assert kernel["name"] == "ring_commit_kernel" and kernel["cc"] == 80
+    assert ".entry ring_commit_kernel(" in (root / kernel["file"]).read_text()
+    assert kernel["file"] in bundle.manifest["files"] and "CUDA graph" in meta["commit_kernel_note"]
     assert meta["build_options"]["max_batch"] == 8 and meta["build_options"]["max_prefill"] == 16
     assert result["flavour"] == meta["flavour"] and result["paths"][0].endswith("stack1.plan")
     assert cache.stat().st_size == result["timing_cache"]["saved_bytes"] > 0
@@ -259,3 +263,14 @@ def test_full_tensorrt_build_on_a_gpu(exported, tmp_path):
     again = build_engines(root, show_progress=False, module="tensorrt",
                           timing_cache=tmp_path / "tc")
     assert again["timing_cache"]["reused"] is True
+
+
+def test_commit_kernel_ptx_per_gpu_and_without_triton(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    entry, note = build.commit_kernel(tmp_path, [7, 5])            # Turing: sm_75 PTX
+    assert entry["cc"] == 75 and ".target sm_75" in (tmp_path / "ring_commit.ptx").read_text()
+    assert build.commit_kernel(tmp_path, [9, 0])[0]["cc"] == 80    # sm_80 PTX, JIT on Hopper
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    assert build.commit_kernel(tmp_path, None) == (
+        None, "triton is not installed: no device commit kernel, so the runtime runs without "
+              "CUDA graphs")
