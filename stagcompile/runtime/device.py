@@ -4,7 +4,7 @@
       .malloc(n) .memset_async .pinned(shape, dtype) .stream() .event() .record .wait .query
       .copy(dst, src, n, stream)  .copy2d(Copy2D, stream)  .sync(stream) .event_sync(ev)
       .begin_capture(s) .end_capture(s) .instantiate(graph) .launch_graph(exe, s) .free_graph
-      .load_module(ptx) .function(module, name) .launch(func, grid, block, s, ptrs) PTX kernels
+      .load_module(ptx) .function(module, name) .launch(func, grid, block, s, args)  PTX kernels
     gpu_info()              (name, (major, minor)) of device 0: cuda-python, else libcuda (ctypes)
     device_count()          visible CUDA devices (0 without a GPU); ImportError without cuda-python
     native(handle)          a cuda-python handle as the int TensorRT / ONNX Runtime take
@@ -331,12 +331,14 @@ class Cuda:
         return check(self.driver, self.driver.cuModuleGetFunction(module, name.encode()),
                      f"cuModuleGetFunction({name})")
 
-    def launch(self, func, grid: tuple, block: int, stream, pointers: tuple) -> None:
-        """func<<<grid, block threads, no dynamic shared memory, stream>>>(*pointers)."""
+    def launch(self, func, grid: tuple, block: int, stream, args: tuple, shared: int = 0) -> None:
+        """func<<<grid, block threads, `shared` bytes of dynamic shared memory, stream>>>(args):
+        `args` are ints, each a pointer unless given as (value, ctypes type)."""
         gx, gy, gz = (tuple(grid) + (1, 1))[:3]
-        params = (tuple(pointers), (ctypes.c_void_p,) * len(pointers))
-        check(self.driver, self.driver.cuLaunchKernel(func, gx, gy, gz, block, 1, 1, 0, stream,
-                                                      params, 0), "cuLaunchKernel")
+        pairs = [a if isinstance(a, tuple) else (a, ctypes.c_void_p) for a in args]
+        params = (tuple(v for v, _ in pairs), tuple(t for _, t in pairs))
+        check(self.driver, self.driver.cuLaunchKernel(func, gx, gy, gz, block, 1, 1, shared,
+                                                      stream, params, 0), "cuLaunchKernel")
 
     def close(self) -> None:
         """Wait for every stream, then free graphs, modules, buffers, pinned memory, events and
