@@ -140,7 +140,8 @@ def compile_ptx(dtype: str, head_dim: int, window: int, scale: float, cc: int,
     spec.check_dtypes(dtype, dtype, dtype, dtype, dtype, pos_dtype)
     spec.check_attrs(window, scale)
     spec.check_head_dim(head_dim)
-    args = (dtype, head_dim, window, float(scale), cc, pos_dtype, checked_ptx_version(cc, ptx_version))
+    args = (dtype, head_dim, window, float(scale), cc, pos_dtype,
+            checked_ptx_version(cc, ptx_version))
     return native_compile("plugins.aot", "_compile_here", args, lambda fields: AotKernel(
         **{**fields, "config": spec.KernelConfig(**fields["config"])}))
 

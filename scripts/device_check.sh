@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The check for a lent GPU machine (one H200 with CUDA, torch and triton; no TensorRT), in one run
 # well inside 10 minutes, ending with a short table:
-#   attention  the Triton kernel: numerics and speed against torch SDPA    benchmarks/attention.py
-#   ptx        the AOT PTX (attention; ring commit in a CUDA graph) loaded  benchmarks/aot_launch.py
-#              and launched through cuda-python, as the TensorRT runtime does
-#   streams    two-stream overlap of a StagFormer's two stacks with CUDA    benchmarks/streams.py
+#   attention  benchmarks/attention.py: the Triton kernel, numerics and speed against torch SDPA
+#   ptx        benchmarks/aot_launch.py: the AOT PTX (attention; ring commit in a CUDA graph)
+#              loaded and launched through cuda-python, as the TensorRT runtime does
+#   streams    benchmarks/streams.py: two-stream overlap of a StagFormer's two stacks with CUDA
 #              graphs, batch 1, against one stream and a P = 1 model of equal depth
-#   threads    CPU thread scaling of the ONNX Runtime staggered runtime at  benchmarks/thread_scaling.py
-#              4, 8 and 16 cores
+#   threads    benchmarks/thread_scaling.py: CPU thread scaling of the ONNX Runtime staggered
+#              runtime at 4, 8 and 16 cores
 #
 #   scripts/device_check.sh [--dry-run] [WORKDIR]      (WORKDIR: $OUT if set, else out/device_check)
 #

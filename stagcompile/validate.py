@@ -10,10 +10,10 @@ Per backend and stack, Polygraphy's runner executes the graph on every traced st
 `stagcompile.replay`) and Polygraphy's Comparator checks each output against the reference with
 dtype-appropriate tolerances. An engine has one optimization profile per step kind (decode:
 sequence 1, prefill: 1..max_prefill), so each step runs on a TrtRunner created with the
-`optimization_profile` whose ranges hold its batch and sequence length. Then the runtime's greedy tokens (both schedules) are checked against
-the trace. A failure names the stack, output, step, worst element and its error, and saves the
-inputs and expected outputs so the printed `polygraphy run ...` command reproduces it.
-Writes `validation/report.json`. Needs no torch.
+`optimization_profile` whose ranges hold its batch and sequence length. Then the runtime's
+greedy tokens (both schedules) are checked against the trace. A failure names the stack, output,
+step, worst element and its error, and saves the inputs and expected outputs so the printed
+`polygraphy run ...` command reproduces it. Writes `validation/report.json`. Needs no torch.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@
 Every call returns `(cudaError_t, *results)` (driver calls: `(CUresult, *results)`); `check` raises
 DeviceError (a BundleError) naming the call, the error name and CUDA's message. Graph capture uses
 cudaStreamCaptureModeThreadLocal (as trtexec); PTX kernels go through the driver API
-(cuModuleLoadData, cuLaunchKernel) in the primary context cudaSetDevice makes current. Copies use cudaMemcpyDefault (unified addressing, every
-64-bit Linux CUDA platform), so one helper serves H2D, D2H and D2D. Only numpy, ctypes and
-cuda-python (imported when a Cuda is made) are needed.
+(cuModuleLoadData, cuLaunchKernel) in the primary context cudaSetDevice makes current. Copies use
+cudaMemcpyDefault (unified addressing, every 64-bit Linux CUDA platform), so one helper serves
+H2D, D2H and D2D. Only numpy, ctypes and cuda-python (imported when a Cuda is made) are needed.
 """
 
 from __future__ import annotations

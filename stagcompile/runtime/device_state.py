@@ -92,7 +92,8 @@ class DeviceState:
     def commit_tables(self, stream) -> list[list[int]]:
         """Device copies of the commit tables [k][parity] (int64 [N, 5]), uploaded once."""
         if self.tables is None:
-            self.tables = [[self._alloc((t.size,), "int64") for t in per] for per in self.tables_host]
+            self.tables = [[self._alloc((t.size,), "int64") for t in per]
+                           for per in self.tables_host]
             for per, ptrs in zip(self.tables_host, self.tables):
                 for t, ptr in zip(per, ptrs):
                     self.cuda.copy(ptr, t.ctypes.data, t.nbytes, stream)

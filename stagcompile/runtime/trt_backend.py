@@ -340,8 +340,9 @@ class TrtBackend:
                     self._sync_all()
                     for exe in filter(None, sum(graphs, [])):
                         cu.free_graph(exe)
+                    log = " | ".join(self.logger.errors()[-2:]) or "no message"
                     return None, (f"CUDA graphs off: capturing stack {k + 1}'s decode step "
-                                  f"failed ({' | '.join(self.logger.errors()[-2:]) or 'no message'})")
+                                  f"failed ({log})")
                 graphs[k][parity] = cu.instantiate(graph)
         self._sync_all()
         return graphs, "CUDA graphs on: one per (stack, parity)"
