@@ -193,6 +193,9 @@ class FakeCuda:
     def end_capture(self, stream):
         return self.capturing.pop(stream)
 
+    def drop_graph(self, graph):
+        self.dropped = getattr(self, "dropped", 0) + 1
+
     def instantiate(self, graph):
         exe = tuple(graph)
         self.graphs.append(exe)

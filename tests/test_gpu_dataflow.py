@@ -18,6 +18,7 @@ from fake_gpu import (CudaEpSession, FakeCuda, fake_engine_bundle, fake_tensorrt
 from stagcompile.config import preset
 from stagcompile.runtime import ort_cuda, trt_backend
 from stagcompile.runtime.bundle import Bundle, BundleError
+from stagcompile.runtime.device import DeviceError
 from stagcompile.runtime.ort_backend import OrtBackend
 from stagcompile.runtime.trt_backend import TrtBackend
 
@@ -99,6 +100,7 @@ def test_trt_falls_back_when_capture_is_not_possible(engines, want, monkeypatch,
     np.testing.assert_allclose(greedy(backend, prompt, 12), expected, atol=1e-5, rtol=0)
     assert backend.graphs is None and note in backend.graph_note
     assert not backend.cuda.graphs and not backend.cuda.capturing     # nothing left behind
+    assert getattr(backend.cuda, "dropped", 0) == (capture == "refused")
     backend.close()
 
 
@@ -108,6 +110,20 @@ def test_trt_without_commit_kernel_runs_without_graphs(exported, want, monkeypat
     with_fakes(monkeypatch, bundle, EAGER[1])
     backend = TrtBackend(bundle)
     assert "no device commit kernel" in backend.graph_note
+    np.testing.assert_allclose(greedy(backend, prompt, 12), expected, atol=1e-5, rtol=0)
+    backend.close()
+
+
+def test_trt_runs_without_graphs_when_the_commit_kernel_does_not_load(engines, want,
+                                                                     monkeypatch):
+    def refuse(self, ptx):
+        raise DeviceError("CUDA cuModuleLoadData failed: CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+
+    prompt, expected = want
+    with_fakes(monkeypatch, engines, EAGER[1])
+    monkeypatch.setattr(FakeCuda, "load_module", refuse)
+    backend = TrtBackend(engines)
+    assert "does not load here" in backend.graph_note and "UNSUPPORTED_PTX" in backend.graph_note
     np.testing.assert_allclose(greedy(backend, prompt, 12), expected, atol=1e-5, rtol=0)
     backend.close()
 

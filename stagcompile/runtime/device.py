@@ -4,6 +4,7 @@
       .malloc(n) .memset_async .pinned(shape, dtype) .stream() .event() .record .wait .query
       .copy(dst, src, n, stream)  .copy2d(Copy2D, stream)  .sync(stream) .event_sync(ev)
       .begin_capture(s) .end_capture(s) .instantiate(graph) .launch_graph(exe, s) .free_graph
+      .drop_graph(graph)
       .load_module(ptx) .function(module, name) .launch(func, grid, block, s, args)  PTX kernels
     gpu_info()              (name, (major, minor)) of device 0: cuda-python, else libcuda (ctypes)
     device_count()          visible CUDA devices (0 without a GPU); ImportError without cuda-python
@@ -303,6 +304,10 @@ class Cuda:
             self.rt.cudaGetLastError()
             return None
         return graph
+
+    def drop_graph(self, graph) -> None:
+        """Destroy a captured graph that will not be instantiated."""
+        self.check(self.rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
 
     def instantiate(self, graph):
         try:

@@ -39,7 +39,7 @@ import sys
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .device import Cuda, align, native, seq_slice_copy
+from .device import Cuda, DeviceError, align, native, seq_slice_copy
 from .device_state import DeviceState
 from .rings import shape_of
 
@@ -239,9 +239,12 @@ class TrtBackend:
         path = self.bundle.root / kernel["file"]
         if not path.is_file():
             raise BundleError(f"{path}: the device commit kernel listed in the manifest is missing")
-        module = self.cuda.load_module(path.read_text())
+        try:
+            function = self.cuda.function(self.cuda.load_module(path.read_text()), kernel["name"])
+        except DeviceError as exc:          # e.g. PTX newer than this driver
+            return None, f"CUDA graphs off: the device commit kernel does not load here ({exc})"
         self.commit_block = 32 * kernel["num_warps"]
-        return self.cuda.function(module, kernel["name"]), None
+        return function, None
 
     def _context(self, k: int, profile: dict):
         ctx = self.engines[k].create_execution_context()
@@ -337,6 +340,8 @@ class TrtBackend:
                 finally:
                     graph = cu.end_capture(s)
                 if not ok or graph is None:
+                    if graph is not None:
+                        cu.drop_graph(graph)
                     self._sync_all()
                     for exe in filter(None, sum(graphs, [])):
                         cu.free_graph(exe)
