@@ -320,11 +320,11 @@ class TrtBackend:
         for k, s in enumerate(self.streams):        # the warm-up enqueue reads a valid step
             cu.memset_async(st["step_dev"][k], st["step_bytes"], s)
             cu.sync(s)
-        graphs = [[None, None] for _ in range(self.num_stacks)]
-        for k, s in enumerate(self.streams):
-            ctx = self.decode[k]
+        for k, (ctx, s) in enumerate(zip(self.decode, self.streams)):
             if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(native(s)):
                 return None, f"CUDA graphs off: TensorRT says stack {k + 1} is not capturable"
+        graphs = [[None, None] for _ in range(self.num_stacks)]
+        for k, (ctx, s) in enumerate(zip(self.decode, self.streams)):
             for parity in (0, 1):
                 for name, ptr in st["bind"][k][parity]:
                     ctx.set_tensor_address(name, ptr)
