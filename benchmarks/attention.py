@@ -1,6 +1,7 @@
 """Benchmark BoundedWindowAttention on a GPU: the Triton kernel against torch SDPA with a mask.
 
-    python benchmarks/attention.py [--dtype float16] [--batch 1 8] [--seq 1 256] ...
+    python benchmarks/attention.py [--dtype float16] [--batch 1 8] [--seq 1 256] ... [--json F]
+                                   [--dry-run]
 
 For each (batch, S, window, cache size C) it times the median of `triton.testing.do_bench` (CUDA
 events, L2 flushed between runs; the launcher's Python overhead hides behind the flush):
@@ -13,12 +14,16 @@ events, L2 flushed between runs; the launcher's Python overhead hides behind the
 and prints the time and the achieved bandwidth: bytes the op needs (q, the new entries, the cache
 entries inside the windows, pos, the output) divided by the time, also as a share of the
 device's peak (from torch's device properties, else a table for H100 / H200 / Orin). The Triton
-output is checked against the torch reference on every row. Without a GPU it says so and exits 0.
+output is checked against the torch reference on every row. Without a GPU it says so and exits 0;
+`--dry-run` instead checks one small case on the CPU under the Triton interpreter (no timing).
 """
 
 import argparse
+import json
+import os
 import shlex
 import sys
+from pathlib import Path
 
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "Orin": 204.8e9}
 
@@ -55,8 +60,8 @@ def make_inputs(torch, batch, q_heads, kv_heads, seq, capacity, head_dim, window
             rand(batch, kv_heads, capacity, head_dim), pos)
 
 
-def run_case(torch, args, batch, seq, window, capacity, peak) -> str:
-    """Check and time one configuration; return its table row."""
+def run_case(torch, args, batch, seq, window, capacity, peak) -> dict:
+    """Check and time one configuration; its numbers and table row."""
     from triton.testing import do_bench
 
     from plugins import reference
@@ -81,8 +86,31 @@ def run_case(torch, args, batch, seq, window, capacity, peak) -> str:
         bw = nbytes / t
         cols.append(f"{t * 1e6:>10.1f} {bw / 1e9:>7.0f} "
                     f"{100 * bw / peak if peak else float('nan'):>6.1f}")
-    return (f"{batch:>3} {seq:>5} {window:>7} {capacity:>7} | {cols[0]} | {cols[1]} | "
-            f"{t_sdpa / t_triton:>7.2f} {err:>8.1e}")
+    row = (f"{batch:>3} {seq:>5} {window:>7} {capacity:>7} | {cols[0]} | {cols[1]} | "
+           f"{t_sdpa / t_triton:>7.2f} {err:>8.1e}")
+    return {"batch": batch, "seq": seq, "window": window, "capacity": capacity,
+            "triton_us": t_triton * 1e6, "sdpa_us": t_sdpa * 1e6, "max_err": err, "row": row}
+
+
+def dry_run(args) -> dict:
+    """One small case on the CPU under the Triton interpreter: numerics only."""
+    os.environ["TRITON_INTERPRET"] = "1"       # before triton is imported
+    import torch
+
+    from plugins import reference
+    from plugins.triton_kernel import bounded_window_attention_triton, interpreter_mode
+    if not interpreter_mode():
+        return {"dry_run": True, "rows": [], "summary": ["dry run: triton was imported before "
+                                                         "TRITON_INTERPRET could be set"]}
+    torch.manual_seed(0)
+    q, kn, vn = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
+    kc, vc = torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)
+    pos = torch.tensor([13])
+    err = float((bounded_window_attention_triton(q, kn, vn, kc, vc, pos, 8)
+                 - reference.bounded_window_attention(q, kn, vn, kc, vc, pos, 8)).abs().max())
+    return {"dry_run": True, "rows": [{"max_err": err}], "summary": [
+        f"dry run (CPU, Triton interpreter, fp32 GQA decode, window 8, wrapped ring): max err "
+        f"{err:.1e} against the reference; no timing"]}
 
 
 def main(argv=None) -> int:
@@ -97,8 +125,16 @@ def main(argv=None) -> int:
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--json", type=Path, help="also write the rows and a summary here")
+    ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     print("$", shlex.join([sys.executable, *sys.argv]))
+    if args.dry_run:
+        result = dry_run(args)
+        print(result["summary"][0])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return 0
 
     import torch
 
@@ -123,10 +159,19 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     cases = [(w, w) for w in args.windows] + [(0, c) for c in args.unbounded]
+    rows = []
     for batch in args.batch:
         for seq in args.seq:
             for window, capacity in cases:
-                print(run_case(torch, args, batch, seq, window, capacity, peak), flush=True)
+                rows.append(run_case(torch, args, batch, seq, window, capacity, peak))
+                print(rows[-1]["row"], flush=True)
+    if args.json:
+        speedups = [r["sdpa_us"] / r["triton_us"] for r in rows]
+        summary = (f"Triton vs SDPA, {props.name} {args.dtype}: {len(rows)} cases, speedup "
+                   f"{min(speedups):.2f}-{max(speedups):.2f}x, worst max err "
+                   f"{max(r['max_err'] for r in rows):.1e}")
+        args.json.write_text(json.dumps({"dry_run": False, "device": props.name, "rows": rows,
+                                         "summary": [summary]}, indent=2))
     return 0
 
 

@@ -21,12 +21,16 @@ and 9.4 for sm_90 with triton 3.9), which a driver older than that CUDA release 
 (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). `compile_ptx` pins the oldest ISA that knows the target
 instead (`MIN_PTX_VERSION`: 7.4 for sm_87, 8.0 for sm_90); pass `ptx_version` to override.
 
+Triton >= 3.3 (`MIN_TRITON`): its `ASTSource` takes the signature by name with constexprs in it
+and `attrs` as a dict; 3.2 took an `AttrsDescriptor`.
+
 Shared memory is kept under 48 KiB (`MAX_STATIC_SHARED`): a launch needs an explicit opt-in
 (cudaFuncSetAttribute) for more, and TensorRT's documentation does not say that it opts in.
 """
 
 import dataclasses
 import functools
+import importlib
 import json
 import os
 import re
@@ -45,10 +49,11 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 TRITON_POS_DTYPES = {"int64": "*i64", "int32": "*i32"}
 BUNDLE_TARGETS = (87, 90)                   # Jetson Orin, Hopper (H100/H200)
 MAX_STATIC_SHARED = 48 * 1024               # per block without an opt-in (see module doc)
+MIN_TRITON = (3, 3)                         # the ASTSource API used below (see module doc)
 
 # Oldest PTX ISA (x10) that knows each target, as Triton compiles it (sm_90 -> sm_90a, which
-# needs 8.0): CUDA 11.0 / 11.1 / 11.4 / 11.8 / 12.0 / 12.8. Each assembles with ptxas here.
-MIN_PTX_VERSION = {80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 120: 87}
+# needs 8.0): CUDA 10.1 / 11.0 / 11.1 / 11.4 / 11.8 / 12.0 / 12.8. Each assembles with ptxas here.
+MIN_PTX_VERSION = {75: 64, 80: 70, 86: 71, 87: 74, 89: 78, 90: 80, 100: 86, 120: 87}
 
 
 class AotError(RuntimeError):
@@ -64,6 +69,15 @@ class AotKernel:
     shared_mem: int             # bytes of shared memory per block
     config: spec.KernelConfig   # block sizes baked in
     hidden_params: int          # unused Triton scratch params dropped from the PTX
+
+
+def check_triton_version(version: str) -> None:
+    from packaging.version import Version  # a dependency of onnxruntime
+
+    if Version(version).release[:2] < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        raise AotError(f"triton {version} is too old for AOT compilation: it needs triton >= "
+                       f"{need} (ASTSource with dict attrs); pip install 'triton>={need}'")
 
 
 def default_ptx_version(cc: int) -> int | None:
@@ -89,90 +103,113 @@ def kernel_signature(dtype: str, head_dim: int, pos_dtype: str = "int64"
     return signature, constexprs, attrs
 
 
-def _drop_hidden_params(ptx: str, name: str) -> tuple[str, int]:
-    """Remove the trailing `.param` lines after the 12 real ones, after checking none is read."""
+def _drop_hidden_params(ptx: str, name: str, num_params: int = NUM_PARAMS) -> tuple[str, int]:
+    """Remove the trailing `.param` lines after the `num_params` real ones, after checking none
+    is read."""
     params = re.findall(rf"^\s*\.param [^\n]*\b({name}_param_(\d+))\s*,?\s*$", ptx, flags=re.M)
-    hidden = [p for p, i in params if int(i) >= NUM_PARAMS]
-    if len(params) - len(hidden) != NUM_PARAMS:
+    hidden = [p for p, i in params if int(i) >= num_params]
+    if len(params) - len(hidden) != num_params:
         raise AotError(f"PTX entry {name} declares {len(params)} parameters; expected "
-                       f"{NUM_PARAMS} (+ hidden Triton scratch pointers)")
+                       f"{num_params} (+ hidden Triton scratch pointers)")
     for p in hidden:
         if re.search(rf"\[{p}\]", ptx):
-            raise AotError(f"PTX entry {name} reads hidden parameter {p}; TensorRT cannot pass it")
+            raise AotError(f"PTX entry {name} reads hidden parameter {p}; its launcher cannot "
+                           "pass it")
     if not hidden:
         return ptx, 0
     ptx = re.sub(rf"^\s*\.param [^\n]*\b({'|'.join(hidden)})\s*,?\s*\n", "", ptx, flags=re.M)
-    last = f"{name}_param_{NUM_PARAMS - 1}"
+    last = f"{name}_param_{num_params - 1}"
     ptx = re.sub(rf"(\b{last}),(\s*\n\s*\))", r"\1\2", ptx)
     return ptx, len(hidden)
+
+
+def checked_ptx_version(cc: int, ptx_version: int | None) -> int | None:
+    """`ptx_version`, else the pinned default for sm_<cc>; refused when too old for the target
+    (LLVM would abort the process)."""
+    ptx_version = ptx_version or default_ptx_version(cc)
+    if ptx_version and ptx_version < MIN_PTX_VERSION.get(cc, 0):
+        raise AotError(f"PTX ISA {ptx_version / 10:.1f} cannot target sm_{cc}; it needs "
+                       f"{MIN_PTX_VERSION[cc] / 10:.1f} or newer")
+    return ptx_version
 
 
 @functools.lru_cache(maxsize=None)
 def compile_ptx(dtype: str, head_dim: int, window: int, scale: float, cc: int,
                 pos_dtype: str = "int64", ptx_version: int | None = None) -> AotKernel:
-    """Compile the kernel for sm_<cc> with window and scale baked in as constants.
-
-    A process whose triton was imported in interpreter mode cannot compile natively (Triton's
-    own `tl` helpers are interpreted functions there), so it compiles in a child process."""
-    from plugins.triton_kernel import interpreter_mode
-
+    """Compile the kernel for sm_<cc> with window and scale baked in as constants."""
     spec.check_dtypes(dtype, dtype, dtype, dtype, dtype, pos_dtype)
     spec.check_attrs(window, scale)
     spec.check_head_dim(head_dim)
-    ptx_version = ptx_version or default_ptx_version(cc)
-    if ptx_version and ptx_version < MIN_PTX_VERSION.get(cc, 0):
-        raise AotError(f"PTX ISA {ptx_version / 10:.1f} cannot target sm_{cc}; it needs "
-                       f"{MIN_PTX_VERSION[cc] / 10:.1f} or newer")   # LLVM would abort the process
-    args = (dtype, head_dim, window, float(scale), cc, pos_dtype, ptx_version)
-    return _compile_in_child(*args) if interpreter_mode() else _compile_here(*args)
+    args = (dtype, head_dim, window, float(scale), cc, pos_dtype,
+            checked_ptx_version(cc, ptx_version))
+    return native_compile("plugins.aot", "_compile_here", args, lambda fields: AotKernel(
+        **{**fields, "config": spec.KernelConfig(**fields["config"])}))
 
 
 def _compile_here(dtype, head_dim, window, scale, cc, pos_dtype, ptx_version) -> AotKernel:
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from plugins.triton_kernel import jit_kernel
 
     signature, constexprs, attrs = kernel_signature(dtype, head_dim, pos_dtype)
     constexprs.update(WINDOW=window, SCALE=scale)
-    signature.update({name: "constexpr" for name in constexprs})
     cfg = spec.kernel_config(dtype, head_dim)
-    src = triton.compiler.ASTSource(fn=jit_kernel(), signature=signature, constexprs=constexprs,
+    md, ptx, hidden = compile_triton(jit_kernel(), signature, constexprs, attrs, cc,
+                                     cfg.num_warps, cfg.num_stages, ptx_version, NUM_PARAMS)
+    return AotKernel(md.name, ptx, cc, md.num_warps, md.shared, cfg, hidden)
+
+
+def compile_triton(fn, signature: dict, constexprs: dict, attrs: dict, cc: int, num_warps: int,
+                   num_stages: int, ptx_version: int | None, num_params: int):
+    """(metadata, PTX, hidden params dropped) of a Triton JITFunction compiled for sm_<cc>; the
+    kernel must need no scratch memory and at most MAX_STATIC_SHARED bytes of shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                                     attrs=attrs)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-               "enable_fp_fusion": True, "ptx_version": ptx_version}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True,
+               "ptx_version": ptx_version}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     md = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(md, field, 0):
             raise AotError(f"Triton kernel {md.name} needs {field}={getattr(md, field)} bytes; "
-                           "the TensorRT AOT plugin passes only inputs, scalars and outputs, so "
-                           "it cannot provide scratch memory")
+                           "its launcher passes only the declared arguments, so it cannot "
+                           "provide scratch memory")
     if md.shared > MAX_STATIC_SHARED:
         raise AotError(f"Triton kernel {md.name} needs {md.shared} bytes of shared memory, over "
                        f"the {MAX_STATIC_SHARED} a launch gets without opting in")
-    ptx, hidden = _drop_hidden_params(compiled.asm["ptx"], md.name)
-    return AotKernel(md.name, ptx, cc, md.num_warps, md.shared, cfg, hidden)
+    ptx, hidden = _drop_hidden_params(compiled.asm["ptx"], md.name, num_params)
+    return md, ptx, hidden
 
 
 _CHILD = """
-import dataclasses, json, sys
-from plugins import aot
-print(json.dumps(dataclasses.asdict(aot._compile_here(*json.loads(sys.argv[1])))))
+import dataclasses, importlib, json, sys
+module, func, args = json.loads(sys.argv[1])
+print(json.dumps(dataclasses.asdict(getattr(importlib.import_module(module), func)(*args))))
 """
 
 
-def _compile_in_child(*args) -> AotKernel:
-    """`_compile_here` in a fresh Python without TRITON_INTERPRET."""
+def native_compile(module: str, func: str, args: tuple, rebuild):
+    """`module.func(*args)` (a native Triton compilation returning a dataclass), here or, when
+    this process imported triton in interpreter mode (Triton's own `tl` helpers are interpreted
+    functions then), in a fresh Python without TRITON_INTERPRET; `rebuild(fields)` makes the
+    child's result back into the dataclass."""
+    import triton
+
+    from plugins.triton_kernel import interpreter_mode
+
+    check_triton_version(triton.__version__)
+    if not interpreter_mode():
+        return getattr(importlib.import_module(module), func)(*args)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([module, func, args])],
+                         env=env, capture_output=True, text=True)
     if run.returncode:
-        raise AotError(f"PTX compilation of {args} failed in the child process:\n{run.stderr}")
-    fields = json.loads(run.stdout.strip().splitlines()[-1])
-    return AotKernel(**{**fields, "config": spec.KernelConfig(**fields["config"])})
+        raise AotError(f"PTX compilation {func}{args} failed in the child process:\n{run.stderr}")
+    return rebuild(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 def write_ptx_bundle(folder, dtypes=tuple(TRITON_DTYPES), head_dim: int = 64, window: int = 0,

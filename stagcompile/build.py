@@ -5,7 +5,8 @@
 
     module      `tensorrt` (10.x / 11.x, builds on the GPU that will run the engines) if importable,
                 else TensorRT-RTX (`tensorrt_rtx`, or `tensorrt_rtx_bindings`: builds on a CPU,
-                engines for every RTX GPU from Ampere on, JIT-specialised when loaded)
+                engines for RTX GPUs of compute capability 8.0, 8.6, 8.9, 12.0, 12.1 (not
+                Hopper), JIT-specialised when loaded)
     flavour     plugin graphs when this TensorRT builds AOT `tensorrt.plugin` plugins (the
                 BoundedWindowAttention plugin is registered for the GPU's compute capability
                 before parsing), else the portable graphs; the reason is returned and recorded
@@ -14,7 +15,11 @@
                 static dims (heads, cache capacity, head dim) come from the graph
     precision   "graph" = the exported dtype, strongly typed; fp16/bf16 from an fp32 graph only
                 on TensorRT 10.x (weak typing + BuilderFlag.FP16/BF16); 11.x and RTX are always
-                strongly typed (re-export with --dtype instead)
+                strongly typed (re-export with --dtype instead); fp32 engines are built with
+                TF32 off (TensorRT's default is on)
+
+With triton installed, `engines/ring_commit.ptx` (plugins/ring_commit.py, manifest
+`engines.commit_kernel`) lets the runtime capture each decode step as a CUDA graph.
 
 Engines are written to a temporary folder inside the bundle, swapped in as `engines/`, then
 manifest.json is rewritten (`engines` metadata, checksums): a failed or cancelled (Ctrl-C) build
@@ -24,6 +29,7 @@ leaves the previous bundle untouched.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -39,12 +45,13 @@ from stagcompile.errors import StagError
 from stagcompile.progress import progress
 from stagcompile.runtime.bundle import Bundle, BundleError, sha256
 from stagcompile.runtime.device import DeviceError, gpu_info
-from stagcompile.runtime.trt_backend import RTX_MODULES, make_logger
+from stagcompile.runtime.trt_backend import RTX_DEFAULT_CC, RTX_MODULES, cc_list, make_logger
 
 MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 PRECISIONS = {"graph": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 WEAK_FLAGS = {"float16": "FP16", "bfloat16": "BF16"}
-RTX_DEFAULT = "TensorRT-RTX default targets: every GPU of compute capability 8.0 and newer"
+RTX_DEFAULT = (f"TensorRT-RTX default targets: RTX GPUs of compute capability "
+               f"{cc_list(RTX_DEFAULT_CC)} (not Turing 7.5, not Hopper or other datacenter GPUs)")
 ENGINES = "engines"
 
 
@@ -91,6 +98,19 @@ def resolve_precision(precision: str, graph_dtype: str, module: str, version: st
                         f"networks only, so an engine takes its graph's dtype ({graph_dtype}). "
                         f"Re-export with `stagcompile export --dtype {precision}`")
     return {"dtype": want, "strongly_typed": False, "flag": flag}
+
+
+def builder_config(trt, builder, prec: dict, workspace_mib: int):
+    """A builder config for `prec` (resolve_precision): workspace limit, the weak-typing flag,
+    and TF32 cleared for fp32 engines (TensorRT enables it by default; it rounds fp32 matmul
+    inputs to 10-bit mantissas, far outside fp32 tolerances)."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if prec["flag"]:
+        config.set_flag(getattr(trt.BuilderFlag, prec["flag"]))
+    if prec["dtype"] == "float32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return config
 
 
 def build_limits(manifest: dict, max_batch: int | None, max_prefill: int | None) -> tuple:
@@ -303,6 +323,25 @@ def _parse(trt, builder, logger, path: Path, stack: int, io: dict, strongly_type
     return network, parser
 
 
+def commit_kernel(folder: Path, cc: list | None) -> tuple[dict | None, str]:
+    """Write the device ring-commit kernel (plugins/ring_commit.py) as PTX into `folder`: the
+    TensorRT runtime captures each decode step as a CUDA graph with it. `cc` is the GPU's
+    compute capability (None: TensorRT-RTX's targets); the PTX is for sm_80 (sm_75 on Turing),
+    which the driver JIT-compiles for newer GPUs. Returns (manifest entry or None, note)."""
+    if importlib.util.find_spec("triton") is None:
+        return None, ("triton is not installed: no device commit kernel, so the runtime runs "
+                      "without CUDA graphs")
+    from plugins import aot, ring_commit
+    try:
+        kernel = ring_commit.compile_ptx(75 if cc and tuple(cc) < (8, 0) else ring_commit.BASE_CC)
+    except aot.AotError as exc:
+        return None, f"no device commit kernel, so no CUDA graphs ({exc})"
+    (folder / "ring_commit.ptx").write_text(kernel.ptx)
+    return ({"file": f"{ENGINES}/ring_commit.ptx", "name": kernel.name, "cc": kernel.cc,
+             "num_warps": kernel.num_warps}, f"device commit kernel for sm_{kernel.cc}: the "
+            "runtime captures each decode step as a CUDA graph")
+
+
 def _swap_in(bundle: Bundle, built: Path, manifest: dict) -> None:
     """Replace engines/ by `built` and rewrite the manifest; restore both on failure."""
     root, dest = bundle.root, bundle.root / ENGINES
@@ -373,10 +412,7 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
                 bar.update(task, description=f"stack {k + 1}/{bundle.num_stacks}: parse")
                 network, _parser = _parse(trt, builder, logger, path, k + 1, bundle.io(k + 1),
                                           prec["strongly_typed"])
-                config = builder.create_builder_config()
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-                if prec["flag"]:
-                    config.set_flag(getattr(trt.BuilderFlag, prec["flag"]))
+                config = builder_config(trt, builder, prec, workspace_mib)
                 if timing_cache:
                     cache.attach(config)
                 for spec in profiles:
@@ -400,18 +436,22 @@ def build_engines(bundle_dir, precision: str = "graph", workspace_mib: int = 409
                 seconds.append(round(time.perf_counter() - start, 3))
                 bar.advance(task)
         files = [f"{ENGINES}/stack{k + 1}.plan" for k in range(bundle.num_stacks)]
+        commit, commit_note = commit_kernel(tmp, (target["gpu"] or {}).get("compute_capability"))
         meta = {"files": files, "flavour": flavour, "reason": reason,
+                "commit_kernel": commit, "commit_kernel_note": commit_note,
                 "tensorrt": {"module": module, "version": version},
                 **target, "profiles": profiles, "precision": prec["dtype"],
                 "build_options": {"precision": precision, "strongly_typed":
                                   prec["strongly_typed"], "builder_flag": prec["flag"],
+                                  "tf32": prec["dtype"] != "float32",
                                   "workspace_mib": workspace_mib, "max_batch": max_batch,
                                   "max_prefill": max_prefill},
                 "timing_cache": cache.save() if timing_cache else None}
         tmp.chmod(0o755)
         checksums = {k: v for k, v in bundle.manifest["files"].items()
                      if not k.startswith(ENGINES + "/")}
-        checksums.update({f: sha256(tmp / Path(f).name) for f in files})
+        checksums.update({f: sha256(tmp / Path(f).name)
+                          for f in files + ([commit["file"]] if commit else [])})
         versions = {**bundle.manifest.get("versions", {}), "tensorrt": f"{module} {version}"}
         _swap_in(bundle, tmp, {**bundle.manifest, "engines": meta, "files": checksums,
                                "versions": versions})

@@ -10,10 +10,13 @@
 Per backend and stack, Polygraphy's runner executes the graph on every traced step (inputs from
 `stagcompile.replay`) and Polygraphy's Comparator checks each output against the reference with
 dtype-appropriate tolerances (the ort flavour's different layout is translated by
-`stagcompile.ort_replay`). Then the runtime's greedy tokens (both schedules, every ONNX Runtime
-flavour) are checked against the trace. A failure names the stack, output, step, worst element and its error, and saves the
-inputs and expected outputs so the printed `polygraphy run ...` command reproduces it.
-Writes `validation/report.json` (atomically). Needs no torch.
+`stagcompile.ort_replay`). An engine has one optimization profile per step kind (decode:
+sequence 1, prefill: 1..max_prefill), so each step runs on a TrtRunner created with the
+`optimization_profile` whose ranges hold its batch and sequence length. Then the runtime's
+greedy tokens (both schedules, every ONNX Runtime flavour) are checked against the trace. A
+failure names the stack, output, step, worst element and its error, and saves the inputs and
+expected outputs so the printed `polygraphy run ...` command reproduces it. Writes
+`validation/report.json` (atomically). Needs no torch.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ def _quiet_polygraphy():
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
 
+def _one_runner(runner):
+    """A backend whose runner takes every step: step feeds -> (runner, None)."""
+    return lambda feeds: (runner, None)
+
+
 def _ort_runners(bundle: Bundle, flavour: str, name: str):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -94,20 +102,45 @@ def _ort_runners(bundle: Bundle, flavour: str, name: str):
             return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return make
 
-    return [OnnxrtRunner(loader(bundle.graph(flavour, k + 1)), name=name)
+    return [_one_runner(OnnxrtRunner(loader(bundle.graph(flavour, k + 1)), name=name))
             for k in range(bundle.num_stacks)]
 
 
 def _reference_runners(bundle: Bundle):
     from stagcompile.refrunner import OnnxReferenceRunner
-    return [OnnxReferenceRunner(bundle.graph("portable", k + 1), name="onnx-reference")
+    return [_one_runner(OnnxReferenceRunner(bundle.graph("portable", k + 1),
+                                            name="onnx-reference"))
             for k in range(bundle.num_stacks)]
+
+
+def profile_for(profiles: list[dict], batch: int, seq: int) -> dict | None:
+    """The first optimization profile whose batch and sequence ranges hold (batch, seq)."""
+    return next((p for p in profiles if p["batch"][0] <= batch <= p["batch"][2]
+                 and p["seq"][0] <= seq <= p["seq"][2]), None)
 
 
 def _trt_runners(bundle: Bundle):
+    """Per stack: feeds -> (the TrtRunner of the profile that holds them, or None and why)."""
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    return [TrtRunner(EngineFromBytes(bundle.engine(k + 1).read_bytes()), name="trt")
-            for k in range(bundle.num_stacks)]
+    profiles = bundle.manifest["engines"]["profiles"]
+    ranges = "; ".join(f"{p['name']}: batch {p['batch'][0]}..{p['batch'][2]}, sequence "
+                       f"{p['seq'][0]}..{p['seq'][2]}" for p in profiles)
+
+    def picker(plan: bytes):
+        runners = {p["index"]: TrtRunner(EngineFromBytes(plan), name="trt",
+                                         optimization_profile=p["index"]) for p in profiles}
+
+        def pick(feeds):
+            batch, seq = feeds["input_ids"].shape
+            p = profile_for(profiles, batch, seq)
+            if p is None:
+                return None, (f"batch {batch}, sequence {seq} is outside every optimization "
+                              f"profile of the engine ({ranges}); rebuild with `stagcompile "
+                              "build` and larger --max-batch / --max-prefill")
+            return runners[p["index"]], None
+        return pick
+
+    return [picker(bundle.engine(k + 1).read_bytes()) for k in range(bundle.num_stacks)]
 
 
 def available_backends(bundle: Bundle) -> tuple[dict, dict]:
@@ -153,7 +186,7 @@ def _worst(got: np.ndarray, want: np.ndarray) -> tuple[float, tuple]:
 
 
 def _save_repro(root: Path, backend: str, stack: int, step: int, feeds: dict, golden: dict,
-                graph: Path, atol: float, rtol: float) -> str:
+                graph: Path, atol: float, rtol: float, profile: int | None = None) -> str:
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
     out = root / "validation" / "repro"
@@ -162,7 +195,8 @@ def _save_repro(root: Path, backend: str, stack: int, step: int, feeds: dict, go
     expected = out / f"{backend}_stack{stack}_step{step}_expected.json"
     save_json([feeds], str(inputs))
     RunResults([("reference", [IterationResult(golden, runner_name="reference")])]).save(str(expected))
-    runner = "--trt --model-type engine" if backend == "trt" else "--onnxrt"
+    runner = (f"--trt --model-type engine --optimization-profile {profile}" if backend == "trt"
+              else "--onnxrt")
     note = {"ort-plugin": "  # plus the stagformer ORT kernel: not loadable from the CLI",
             "onnx-reference": "  # bf16: not on ONNX Runtime's CPU provider; with "
                               "onnxruntime-gpu try --providers cuda"}.get(backend, "")
@@ -170,27 +204,41 @@ def _save_repro(root: Path, backend: str, stack: int, step: int, feeds: dict, go
             f"--atol {atol} --rtol {rtol}{note}")
 
 
-def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol, convert=None) -> Check:
-    """`convert(stack, feeds, outputs)`, when given, maps the graph's outputs to the golden
-    names and layout first (the ort flavour)."""
+def _check_stack(bundle, trace_steps, pick, backend, stack, atol, rtol, convert=None) -> Check:
+    """`pick(feeds)` -> (runner, None) or (None, why) chooses the runner of each step;
+    `convert(stack, feeds, outputs)`, when given, maps the graph's outputs to the golden names
+    and layout first (the ort flavour)."""
     from polygraphy.comparator import (Comparator, IterationResult, RunResults,
                                        SimpleCompareFunc)
     feeds = [s.feeds for s in trace_steps]
     goldens = [s.golden for s in trace_steps]
     check = Check(backend, stack, steps=len(feeds), outputs=len(goldens[0]))
-    try:
-        results = Comparator.run([runner], data_loader=feeds)
-    except Exception as exc:      # a runner that cannot load or run the graph is a failure
-        check.passed = False
-        check.failure = f"stack {stack}: {backend} could not run the graph: {exc}".strip()
-        return check
-    outs = results[runner.name]
+    groups: dict = {}                    # runner -> indices of the steps it runs
+    ran_on = []
+    for i, f in enumerate(feeds):
+        runner, why = pick(f)
+        if runner is None:
+            check.passed = False
+            check.failure = f"stack {stack}, step {trace_steps[i].step}: {why}"
+            return check
+        groups.setdefault(runner, []).append(i)
+        ran_on.append(runner)
+    outs = [None] * len(feeds)
+    for runner, idx in groups.items():
+        try:
+            results = Comparator.run([runner], data_loader=[feeds[i] for i in idx])
+        except Exception as exc:      # a runner that cannot load or run the graph is a failure
+            check.passed = False
+            check.failure = f"stack {stack}: {backend} could not run the graph: {exc}".strip()
+            return check
+        for i, result in zip(idx, results[runner.name]):
+            outs[i] = result
     if convert is not None:
-        outs = [IterationResult(convert(stack, f, dict(o)), runner_name=runner.name)
+        outs = [IterationResult(convert(stack, f, dict(o)), runner_name=backend)
                 for f, o in zip(feeds, outs)]
     expected = [IterationResult({n: g[n].astype(outs[i][n].dtype) for n in g},
                                 runner_name="reference") for i, g in enumerate(goldens)]
-    both = RunResults([("reference", expected), (runner.name, outs)])
+    both = RunResults([("reference", expected), (backend, outs)])
     verdict = Comparator.compare_accuracy(both, compare_func=SimpleCompareFunc(
         atol=atol, rtol=rtol, check_error_stat="elemwise", infinities_compare_equal=False))
     # Polygraphy >= 0.53 returns AccuracyResults (one AccuracyResult per compare function)
@@ -211,7 +259,8 @@ def _check_stack(bundle, trace_steps, runner, backend, stack, atol, rtol, conver
                 graph = (bundle.engine(stack) if backend == "trt"
                          else bundle.graph(FLAVOUR_OF[backend], stack))
                 check.repro = _save_repro(bundle.root, backend, stack, trace_steps[i].step,
-                                          feeds[i], golden, graph, atol, rtol)
+                                          feeds[i], golden, graph, atol, rtol,
+                                          getattr(ran_on[i], "optimization_profile", None))
                 if convert is not None:
                     check.repro += ("  # ort flavour: outputs are in the graph's layout; "
                                     "stagcompile.ort_replay.OrtReplay.to_golden maps them")
@@ -286,10 +335,10 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
     with progress(show_progress) as bar:
         task = bar.add_task("validate", total=len(ready) * bundle.num_stacks + len(token_runs))
         for backend, make in ready.items():
-            for k, runner in enumerate(make()):
+            for k, pick in enumerate(make()):
                 bar.update(task, description=f"{backend}: stack {k + 1}")
                 report.checks.append(_check_stack(
-                    bundle, steps_of(backend)[k + 1], runner, backend, k + 1, atol, rtol,
+                    bundle, steps_of(backend)[k + 1], pick, backend, k + 1, atol, rtol,
                     ort.to_golden if backend == "ort" else None))
                 bar.advance(task)
         for backend, schedule, flavour in token_runs:

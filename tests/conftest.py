@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,13 @@ def bundle_for(root, cfg, dtype: str = "fp32", flavour: str = "all", seed: int =
                       show_progress=False)
         _BUNDLES[key] = (root / name / "bundle", model)
     return _BUNDLES[key]
+
+
+def extra_requirement(extra: str, name: str):
+    """The `name` requirement of pyproject.toml's optional dependency `extra`."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    reqs = [Requirement(r) for r in project["project"]["optional-dependencies"][extra]]
+    return next(r for r in reqs if r.name == name)

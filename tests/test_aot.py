@@ -16,6 +16,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no AOT compilation")
 
+from conftest import extra_requirement  # noqa: E402
 from plugins import aot, spec  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -90,7 +91,8 @@ def test_write_ptx_bundle(tmp_path):
 
 def test_ptx_version():
     assert (aot.default_ptx_version(87), aot.default_ptx_version(90)) == (74, 80)
-    assert aot.default_ptx_version(75) is None      # unknown: Triton's default
+    assert aot.default_ptx_version(75) == 64
+    assert aot.default_ptx_version(70) is None      # unknown: Triton's default
     with pytest.raises(aot.AotError, match="PTX ISA 7.0 cannot target sm_87"):
         aot.compile_ptx("float16", 64, 0, 0.125, 87, ptx_version=70)
 
@@ -113,3 +115,13 @@ def test_bad_arguments():
         aot.compile_ptx("float16", 64, -1, 0.125, 90)
     with pytest.raises(spec.AttentionSpecError, match="head dim D=512"):
         aot.compile_ptx("float16", 512, 0, 0.125, 90)
+
+
+def test_triton_pin_matches_the_astsource_api_aot_uses():
+    """Triton 3.2's ASTSource takes an AttrsDescriptor; aot needs >= 3.3 and says so."""
+    spec_set = extra_requirement("plugin", "triton").specifier
+    need = ".".join(map(str, aot.MIN_TRITON))
+    assert not spec_set.contains("3.2.0") and spec_set.contains(f"{need}.0")
+    aot.check_triton_version(triton.__version__)
+    with pytest.raises(aot.AotError, match=r"triton 3.2.0 is too old.*triton>=3.3"):
+        aot.check_triton_version("3.2.0")

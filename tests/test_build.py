@@ -6,6 +6,7 @@ mark)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import shutil
@@ -51,9 +52,20 @@ def built(exported, tmp_path_factory):
         pytest.skip("TensorRT-RTX is not installed")
     root = fresh(exported, tmp_path_factory.mktemp("built"))
     cache = root.parent / "timing.cache"
-    result = build_engines(root, timing_cache=cache, max_prefill=16, show_progress=False,
-                           module=RTX)
-    return root, cache, result
+    trt = importlib.import_module(RTX)
+    seen, build_network = [], trt.Builder.build_serialized_network
+
+    def spy(self, network, config):           # the TF32 flag each engine is built with
+        seen.append(config.get_flag(trt.BuilderFlag.TF32))
+        return build_network(self, network, config)
+
+    trt.Builder.build_serialized_network = spy
+    try:
+        result = build_engines(root, timing_cache=cache, max_prefill=16, show_progress=False,
+                               module=RTX)
+    finally:
+        trt.Builder.build_serialized_network = build_network
+    return root, cache, dict(result, tf32_at_build=seen)
 
 
 @needs_rtx
@@ -68,11 +80,16 @@ def test_build_writes_engines_and_manifest(built):
         assert bundle.manifest["files"][rel] == digest
     assert meta["flavour"] == "portable" and "TensorRT-RTX" in meta["reason"]
     assert meta["tensorrt"] == {"module": RTX, "version": importlib.import_module(RTX).__version__}
-    assert meta["gpu"] is None and "compute capability 8.0 and newer" in meta["built_for"]
+    assert meta["gpu"] is None and "8.0, 8.6, 8.9, 12.0, 12.1" in meta["built_for"]
     assert [(p["index"], p["name"], p["seq"]) for p in meta["profiles"]] == \
         [(0, "decode", [1, 1, 1]), (1, "prefill", [1, 8, 16])]
     assert all(p["batch"] == [1, 4, 8] for p in meta["profiles"])
     assert meta["precision"] == "float32" and meta["build_options"]["strongly_typed"]
+    assert result["tf32_at_build"] == [False] * 3 and meta["build_options"]["tf32"] is False
+    kernel = meta["commit_kernel"]                          # the runtime's CUDA graphs need it
+    assert kernel["name"] == "ring_commit_kernel" and kernel["cc"] == 80
+    assert ".entry ring_commit_kernel(" in (root / kernel["file"]).read_text()
+    assert kernel["file"] in bundle.manifest["files"] and "CUDA graph" in meta["commit_kernel_note"]
     assert meta["build_options"]["max_batch"] == 8 and meta["build_options"]["max_prefill"] == 16
     assert result["flavour"] == meta["flavour"] and result["paths"][0].endswith("stack1.plan")
     assert cache.stat().st_size == result["timing_cache"]["saved_bytes"] > 0
@@ -245,3 +262,14 @@ def test_full_tensorrt_build_on_a_gpu(exported, tmp_path):
     again = build_engines(root, show_progress=False, module="tensorrt",
                           timing_cache=tmp_path / "tc")
     assert again["timing_cache"]["reused"] is True
+
+
+def test_commit_kernel_ptx_per_gpu_and_without_triton(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    entry, note = build.commit_kernel(tmp_path, [7, 5])            # Turing: sm_75 PTX
+    assert entry["cc"] == 75 and ".target sm_75" in (tmp_path / "ring_commit.ptx").read_text()
+    assert build.commit_kernel(tmp_path, [9, 0])[0]["cc"] == 80    # sm_80 PTX, JIT on Hopper
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    assert build.commit_kernel(tmp_path, None) == (
+        None, "triton is not installed: no device commit kernel, so the runtime runs without "
+              "CUDA graphs")

@@ -1,14 +1,11 @@
 """The TensorRT backend on a CPU: engine compatibility refusals, clear errors without TensorRT or
-cuda-python, the pure copy arithmetic of device.py (ring commits as 2D copies), and the whole
-TrtBackend dataflow (buffers, parities, commits, prefill chunks, hand-offs) driven through a fake
-TensorRT whose "engines" are ONNX Runtime sessions over host memory: it must reproduce OrtBackend
-token for token. Real engines on a GPU are tested under @pytest.mark.gpu."""
+cuda-python, dependency pins, and the pure copy arithmetic of device.py (ring commits as 2D
+copies). The whole dataflow through fake CUDA and TensorRT is tests/test_gpu_dataflow.py. Real
+engines on a GPU are tested under @pytest.mark.gpu."""
 
 from __future__ import annotations
 
 import ast
-import copy
-import ctypes
 import importlib.util
 import itertools
 import subprocess
@@ -19,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import bundle_for
+from conftest import bundle_for, extra_requirement
+from fake_gpu import greedy
 from stagcompile.config import preset
 from stagcompile.runtime import device, trt_backend
 from stagcompile.runtime.bundle import Bundle, BundleError
@@ -57,8 +55,12 @@ def test_compat_of_rtx_engines_follows_their_targets():
     rtx = dict(META, tensorrt={"module": "tensorrt_rtx_bindings", "version": "1.7.1.116"},
                gpu=None, compute_capabilities=[])
     check_engine_compat(rtx, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", (8, 9))
-    with pytest.raises(BundleError, match="compute capability >= 8.0"):
+    check_engine_compat(rtx, "tensorrt_rtx", "1.7.1.116", "NVIDIA GB10", (12, 1))
+    with pytest.raises(BundleError, match="default compute capabilities 8.0, 8.6, 8.9, 12.0, "
+                                          "12.1, this GPU is .*2080.*explicit target"):
         check_engine_compat(rtx, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080", (7, 5))
+    turing = dict(rtx, compute_capabilities=[[7, 5]])
+    check_engine_compat(turing, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 2080", (7, 5))
     only = dict(rtx, compute_capabilities=[[12, 0]])
     with pytest.raises(BundleError, match="built for compute capabilities 12.0"):
         check_engine_compat(only, "tensorrt_rtx", "1.7.1.116", "NVIDIA GeForce RTX 4090", (8, 9))
@@ -66,11 +68,25 @@ def test_compat_of_rtx_engines_follows_their_targets():
         check_engine_compat(None, "tensorrt", "10.9", "x", (9, 0))
 
 
+@pytest.mark.parametrize("name, cc", [("NVIDIA H200", (9, 0)), ("NVIDIA B200", (10, 0)),
+                                      ("Tesla V100-SXM2-16GB", (7, 0)), ("Orin", (8, 7))])
+def test_rtx_engines_refuse_gpus_tensorrt_rtx_does_not_support(name, cc):
+    """TensorRT-RTX targets RTX GPUs (7.5, 8.0, 8.6, 8.9, 12.0, 12.1): no Hopper, no datacenter
+    Blackwell, whatever targets the manifest lists."""
+    rtx = dict(META, tensorrt={"module": "tensorrt_rtx_bindings", "version": "1.7.1.116"},
+               gpu=None, compute_capabilities=[])
+    for meta in (rtx, dict(rtx, compute_capabilities=[list(cc)])):
+        with pytest.raises(BundleError, match=r"RTX GPUs of compute capability 7\.5, 8\.0, "
+                                              r"8\.6, 8\.9, 12\.0, 12\.1 only.*pip install "
+                                              "tensorrt"):
+            check_engine_compat(meta, "tensorrt_rtx", "1.7.1.116", name, cc)
+
+
 # ---- imports and missing dependencies ----------------------------------------------------------
 def test_runtime_files_import_only_what_a_bundle_has():
     allowed = {"numpy", "tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings", "cuda",
                "onnxruntime"}
-    for name in ("trt_backend.py", "device.py", "ort_cuda.py"):
+    for name in ("trt_backend.py", "device.py", "device_state.py", "ort_cuda.py"):
         tree = ast.parse((Path(trt_backend.__file__).parent / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -87,6 +103,13 @@ def test_module_imports_without_tensorrt():
             "print(sorted(m for m in sys.modules if m.startswith(('tensorrt', 'cuda'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cuda_python_pin_stays_on_cuda_12_drivers():
+    """cuda-python 13 needs an R580+ driver (JetPack 6 and CUDA 12 drivers cannot load it): the
+    gpu extra resolves to 12.x; 13.x is an explicit opt-in the runtime also supports."""
+    spec = extra_requirement("gpu", "cuda-python").specifier
+    assert spec.contains("12.6.1") and spec.contains("12.9.4") and not spec.contains("13.0.0")
 
 
 def fake_bundle(engines) -> Bundle:
@@ -106,7 +129,7 @@ def test_backend_without_engines_or_tensorrt_or_cuda_python(monkeypatch):
 def test_backend_without_cuda_python_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_trt_only", types.SimpleNamespace(__version__="10.9"))
     meta = dict(META, tensorrt={"module": "fake_trt_only", "version": "10.9"})
-    with pytest.raises(BundleError, match="need cuda-python.*pip install cuda-python"):
+    with pytest.raises(BundleError, match="need cuda-python.*pip install 'cuda-python>=12.6,<13'"):
         TrtBackend(fake_bundle(meta))
 
 
@@ -167,230 +190,10 @@ def test_check_names_the_call_and_cuda_error():
 
 @pytest.mark.skipif(importlib.util.find_spec("cuda") is not None, reason="cuda-python is installed")
 def test_device_count_without_cuda_python_is_an_import_error():
-    with pytest.raises(ImportError, match="pip install cuda-python"):
+    with pytest.raises(ImportError, match="pip install 'cuda-python>=12.6,<13'.*R580"):
         device.device_count()
     with pytest.raises(device.DeviceError, match="need cuda-python"):
         device.Cuda()
-
-
-# ---- the whole dataflow through a fake TensorRT over ONNX Runtime -----------------------------
-def host_view(ptr: int, shape, dtype) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
-    raw = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), (size,))
-    return raw.view(dtype).reshape(shape)
-
-
-class FakeCuda:
-    """device.Cuda on host memory: copies happen at once, so events and streams are no-ops."""
-
-    def __init__(self, device: int = 0):
-        self.keep, self.ids, self.device = {}, itertools.count(1), device
-
-    def info(self):
-        return GPU["name"], tuple(GPU["compute_capability"])
-
-    def malloc(self, size):
-        buf = np.full(max(1, size), 0xAB, np.uint8)     # garbage, as cudaMalloc gives
-        self.keep[buf.ctypes.data] = buf
-        return buf.ctypes.data
-
-    def free(self, ptr):
-        del self.keep[ptr]
-
-    def pinned(self, shape, dtype):
-        arr = np.zeros(shape, dtype)
-        self.keep[arr.ctypes.data] = arr
-        return arr
-
-    def stream(self):
-        return next(self.ids)
-
-    event = stream
-
-    def copy(self, dst, src, size, stream):
-        ctypes.memmove(dst, src, size)
-
-    def copy2d(self, c, stream):
-        for r in range(c.height):
-            ctypes.memmove(c.dst + r * c.dpitch, c.src + r * c.spitch, c.width)
-
-    def memset_async(self, ptr, size, stream):
-        ctypes.memset(ptr, 0, size)
-
-    def record(self, *a):
-        pass
-
-    wait = sync = event_sync = record
-
-    def query(self, event):
-        return True
-
-    def close(self):
-        self.keep = {}
-
-
-def fake_tensorrt(bundle: Bundle):
-    import onnxruntime as ort
-
-    np_types = {"float32": np.float32, "int64": np.int64}
-    names = {"float32": "FLOAT", "int64": "INT64"}
-
-    class Engine:
-        def __init__(self, k):
-            self.io = bundle.io(k + 1)
-            self.infos = {t["name"]: t for t in self.io["inputs"] + self.io["outputs"]}
-            self.order = list(self.infos)
-            self.sess = ort.InferenceSession(str(bundle.graph("portable", k + 1)),
-                                             providers=["CPUExecutionProvider"])
-            self.num_io_tensors = len(self.order)
-
-        def get_tensor_name(self, i):
-            return self.order[i]
-
-        def get_tensor_dtype(self, name):
-            return types.SimpleNamespace(name=names[self.infos[name]["dtype"]])
-
-        def create_execution_context(self):
-            return Context(self)
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.shapes, self.addr, self.profile = engine, {}, {}, 0
-
-        def set_optimization_profile_async(self, index, stream):
-            self.profile = index
-
-        def set_input_shape(self, name, shape):
-            seq = shape[1] if name == "input_ids" else None
-            limit = META["profiles"][self.profile]["seq"][2]
-            self.shapes[name] = tuple(shape)
-            return seq is None or seq <= limit
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = ptr
-            return True
-
-        def get_tensor_shape(self, name):
-            batch, seq = self.shapes["input_ids"]
-            return trt_backend.shape_of(self.engine.infos[name], batch, seq)
-
-        def execute_async_v3(self, stream):
-            io = self.engine.io
-            feeds = {t["name"]: host_view(self.addr[t["name"]], self.shapes[t["name"]],
-                                          np_types[t["dtype"]]).copy() for t in io["inputs"]}
-            outs = [t["name"] for t in io["outputs"]]
-            for name, value in zip(outs, self.engine.sess.run(outs, feeds)):
-                host_view(self.addr[name], self.get_tensor_shape(name), value.dtype)[...] = value
-            return True
-
-    class ILogger:
-        def __init__(self):
-            pass
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, plan):
-            return Engine(int(bytes(plan)))
-
-    return types.SimpleNamespace(__version__="10.9.0.34", ILogger=ILogger, Runtime=Runtime,
-                                 init_libnvinfer_plugins=lambda logger, ns: True)
-
-
-@pytest.fixture(scope="module")
-def fake_engine_bundle(bundle_root, tmp_path_factory):
-    path, _ = bundle_for(bundle_root, CFG)
-    bundle = Bundle.load(path, verify=False)
-    bundle = Bundle(tmp_path_factory.mktemp("fake_engines"), copy.deepcopy(bundle.manifest))
-    files = []
-    for k in range(bundle.num_stacks):
-        (bundle.root / "engines").mkdir(exist_ok=True)
-        (bundle.root / "engines" / f"stack{k + 1}.plan").write_bytes(str(k).encode())
-        files.append(f"engines/stack{k + 1}.plan")
-    bundle.manifest["graphs"]["portable"] = [     # the exported graphs, where they are
-        dict(e, file=str(path / e["file"])) for e in bundle.manifest["graphs"]["portable"]]
-    bundle.manifest["engines"] = dict(META, files=files, tensorrt={"module": "fake_tensorrt",
-                                                                   "version": "10.9.0.34"})
-    return bundle
-
-
-def greedy(backend, prompt, steps):
-    from stagcompile.runtime.scheduler import Scheduler
-    sched = Scheduler(backend, "staggered")
-    sched.start(prompt.shape[0])
-    logits, out = sched.prefill(prompt), []
-    for _ in range(steps):
-        out.append(np.array(logits))
-        logits = sched.step(logits.argmax(-1))
-    return np.stack(out, 1)
-
-
-@pytest.mark.parametrize("sequential", [False, True])
-def test_trt_dataflow_matches_ort_backend(fake_engine_bundle, monkeypatch, sequential):
-    from stagcompile.runtime.ort_backend import OrtBackend
-    bundle = fake_engine_bundle
-    monkeypatch.setitem(sys.modules, "fake_tensorrt", fake_tensorrt(bundle))
-    monkeypatch.setattr(trt_backend, "Cuda", FakeCuda)
-    prompt = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 3))   # one prefill chunk
-    want = greedy(OrtBackend(bundle), prompt, 12)
-    backend = TrtBackend(bundle, sequential=sequential)
-    assert backend.concurrency == "streams" and backend.max_prefill == 3
-    np.testing.assert_allclose(greedy(backend, prompt, 12), want, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(greedy(backend, prompt, 12), want, atol=1e-5, rtol=0)  # reopen
-    backend.close()
-
-
-def test_trt_prefill_chunks_match_one_ort_prefill(fake_engine_bundle, monkeypatch):
-    """Prompts longer than the prefill profile run in chunks (3, 3, 2 here), which exercises
-    pos > 0 prefill: head entries from pending buffers and hand-offs of odd and even chunks."""
-    from stagcompile.runtime.ort_backend import OrtBackend
-    bundle = fake_engine_bundle
-    monkeypatch.setitem(sys.modules, "fake_tensorrt", fake_tensorrt(bundle))
-    monkeypatch.setattr(trt_backend, "Cuda", FakeCuda)
-    prompt = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 8))
-    want = greedy(OrtBackend(bundle), prompt, 6)
-    got = greedy(TrtBackend(bundle), prompt, 6)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    backend = TrtBackend(bundle)
-    with pytest.raises(BundleError, match="batch 5: the engines take 1 .. 4"):
-        backend.open(5)
-
-
-def test_ort_cuda_dataflow_matches_ort_backend(fake_engine_bundle, monkeypatch):
-    """OrtCudaBackend's bindings, commits, prefill and hand-offs, with "device" buffers in host
-    memory and ORT's CPU provider standing in for the CUDA one."""
-    from stagcompile.runtime import ort_cuda
-    from stagcompile.runtime.ort_backend import OrtBackend
-
-    class OnCpu(ort_cuda.OrtCudaBackend):
-        device_type = "cpu"
-
-        def check_provider(self):
-            pass
-
-        def providers(self, stream):
-            return ["CPUExecutionProvider"]
-
-    monkeypatch.setattr(ort_cuda, "Cuda", FakeCuda)
-    bundle = fake_engine_bundle
-    prompt = np.random.default_rng(6).integers(0, CFG.vocab_size, (2, 4))
-    want = greedy(OrtBackend(bundle), prompt, 10)
-    backend = OnCpu(bundle)
-    assert backend.concurrency == "threads"
-    np.testing.assert_allclose(greedy(backend, prompt, 10), want, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(greedy(backend, prompt[:1], 10), want[:1], atol=1e-5, rtol=0)
-    backend.close()
-
-
-def test_ort_cuda_needs_the_cuda_provider():
-    from stagcompile.runtime.ort_cuda import OrtCudaBackend
-    import onnxruntime as ort
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu is installed")
-    with pytest.raises(BundleError, match="no CUDAExecutionProvider: pip install onnxruntime-gpu"):
-        OrtCudaBackend(fake_bundle(None))
 
 
 # ---- on a GPU ----------------------------------------------------------------------------------
@@ -415,6 +218,8 @@ def test_real_engines_match_ort_on_gpu(bundle_root, tmp_path):
     for sequential in (False, True):
         backend = TrtBackend(bundle, sequential=sequential)
         np.testing.assert_allclose(greedy(backend, prompt, 10), want, atol=2e-3, rtol=0)
+        if importlib.util.find_spec("triton"):          # build shipped the commit kernel
+            assert backend.graphs is not None, backend.graph_note
         backend.close()
 
 

@@ -17,7 +17,7 @@ from stagcompile.config import preset
 from stagcompile.errors import StagError
 from stagcompile.runtime import BundleError, Generator
 from stagcompile.runtime.bundle import Bundle, sha256
-from stagcompile.validate import validate_bundle
+from stagcompile.validate import profile_for, validate_bundle
 
 EXE = shutil.which("stagcompile", path=os.path.dirname(sys.executable))
 
@@ -111,6 +111,56 @@ def test_validate_plugin_only_bundle_skips_the_runtime_token_check(bundle_root):
     assert report.passed, [c.failure for c in report.checks]
     assert {c.backend for c in report.checks} == {"ort-plugin"} and not report.tokens
     assert "portable graphs" in report.skipped["greedy tokens (ort)"]
+
+
+def test_validate_runs_each_trt_step_on_the_profile_that_holds_it(bundle_root, tmp_path,
+                                                                  monkeypatch):
+    """A TrtRunner uses the optimization profile it is created with, profile 0 (decode, sequence
+    1) unless given one (Polygraphy docs): the prefill step (sequence 8) must run on a runner of
+    the prefill profile, decode steps on the decode one. Engines and CUDA are fakes over ONNX
+    Runtime (tests/fake_gpu.py); the runtime's token check runs through them too."""
+    import polygraphy.backend.trt as polygraphy_trt
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.exception import PolygraphyException
+
+    from fake_gpu import FakeCuda, fake_engine_bundle, fake_tensorrt
+    from stagcompile.runtime import trt_backend
+
+    cfg = preset("tiny").replace(num_stacks=3, cross_window=4)
+    profiles = [{"index": 0, "name": "decode", "batch": [1, 2, 4], "seq": [1, 1, 1]},
+                {"index": 1, "name": "prefill", "batch": [1, 2, 4], "seq": [1, 4, 8]}]
+    bundle = fake_engine_bundle(bundle_for(bundle_root, cfg)[0], tmp_path / "b", profiles)
+    ran = []
+
+    class FakeTrtRunner(OnnxrtRunner):
+        def __init__(self, engine, name=None, optimization_profile=None):
+            stack = int(bytes(engine()))
+            super().__init__(SessionFromOnnx(str(bundle.graph("portable", stack + 1))), name)
+            self.optimization_profile = optimization_profile
+
+        def infer_impl(self, feed_dict):
+            p = profiles[self.optimization_profile or 0]
+            batch, seq = feed_dict["input_ids"].shape
+            if not (p["batch"][0] <= batch <= p["batch"][2] and p["seq"][0] <= seq <= p["seq"][2]):
+                raise PolygraphyException(f"input_ids {(batch, seq)} is outside optimization "
+                                          f"profile {p['index']}")
+            ran.append((seq, p["index"]))
+            return super().infer_impl(feed_dict)
+
+    fake = fake_tensorrt(bundle, profiles)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setitem(sys.modules, "fake_tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "Cuda", FakeCuda)
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", FakeTrtRunner)
+    monkeypatch.setattr(polygraphy_trt, "EngineFromBytes", lambda plan: lambda: plan)
+    report = validate_bundle(bundle.root, show_progress=False)
+    trt = [c for c in report.checks if c.backend == "trt"]
+    assert len(trt) == cfg.num_stacks and all(c.passed for c in trt), [c.failure for c in trt]
+    assert sorted(set(ran)) == [(1, 0), (8, 1)]
+    assert [profile_for(profiles, b, q) for b, q in ((1, 1), (4, 8), (2, 9), (5, 1))] == \
+        [profiles[0], profiles[1], None, None]
+    assert {(t["backend"], t["schedule"], t["passed"]) for t in report.tokens} >= {
+        ("trt", "staggered", True), ("trt", "sequential", True)}
 
 
 def test_validate_bad_bundles(bundle_root, tmp_path):

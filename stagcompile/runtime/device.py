@@ -3,6 +3,9 @@
     Cuda(device)            error-checked cudart calls; tracks what it allocates, `close()` frees it
       .malloc(n) .memset_async .pinned(shape, dtype) .stream() .event() .record .wait .query
       .copy(dst, src, n, stream)  .copy2d(Copy2D, stream)  .sync(stream) .event_sync(ev)
+      .begin_capture(s) .end_capture(s) .instantiate(graph) .launch_graph(exe, s) .free_graph
+      .drop_graph(graph)
+      .load_module(ptx) .function(module, name) .launch(func, grid, block, s, args)  PTX kernels
     gpu_info()              (name, (major, minor)) of device 0: cuda-python, else libcuda (ctypes)
     device_count()          visible CUDA devices (0 without a GPU); ImportError without cuda-python
     native(handle)          a cuda-python handle as the int TensorRT / ONNX Runtime take
@@ -11,14 +14,15 @@
                             ring [B, H, C, D] <- new [B, H, S, D] at slots p mod C is at most two
                             cudaMemcpy2DAsync (B*H rows of D elements, pitch C*D), so a commit
                             costs what the new entries weigh, never the ring
-    DeviceState(cuda, ios, batch)
-                            HostState on the device: rings, staging, two-parity pending buffers,
-                            their commits, and the prefill's cross_in assembly and hand-off
+    commit_table(pairs)     the same commits (S = 1) as the table of the device commit kernel
+                            (plugins/ring_commit.py), which computes the slot from pos on the GPU
 
-Every call returns `(cudaError_t, *results)`; `check` raises DeviceError (a BundleError) naming the
-call, the error name and CUDA's message. Copies use cudaMemcpyDefault (unified addressing, every
-64-bit Linux CUDA platform), so one helper serves H2D, D2H and D2D. Only numpy, ctypes and
-cuda-python (imported when a Cuda is made) are needed.
+Every call returns `(cudaError_t, *results)` (driver calls: `(CUresult, *results)`); `check` raises
+DeviceError (a BundleError) naming the call, the error name and CUDA's message. Graph capture uses
+cudaStreamCaptureModeThreadLocal (as trtexec); PTX kernels go through the driver API
+(cuModuleLoadData, cuLaunchKernel) in the primary context cudaSetDevice makes current. Copies use
+cudaMemcpyDefault (unified addressing, every 64-bit Linux CUDA platform), so one helper serves
+H2D, D2H and D2D. Only numpy, ctypes and cuda-python (imported when a Cuda is made) are needed.
 """
 
 from __future__ import annotations
@@ -29,12 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import BundleError
-from .rings import role_map, shape_of
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 ALIGN = 256     # TensorRT requires >= 256-byte aligned tensor addresses (NvInferRuntime.h)
-INSTALL = ("pip install cuda-python (cuda-bindings >= 12.6.1; on Jetson the wheel matching "
-           "JetPack's CUDA)")
+INSTALL = ("pip install 'cuda-python>=12.6,<13' (CUDA 12 drivers, JetPack 6); cuda-python 13 "
+           "needs an R580+ driver")
 
 
 class DeviceError(BundleError):
@@ -56,18 +59,31 @@ def load_cudart():
             from None
 
 
-def error_text(rt, err) -> str:
-    name = rt.cudaGetErrorName(err)[1]
-    text = rt.cudaGetErrorString(err)[1]
+def load_driver():
+    """cuda-python's driver module: `cuda.bindings.driver` (>= 12.6.1), else `cuda.cuda`."""
+    try:
+        from cuda.bindings import driver
+        return driver
+    except ImportError:
+        from cuda import cuda
+        return cuda
+
+
+def error_text(api, err) -> str:
+    """Name and message of a runtime (cudaError_t) or driver (CUresult) error."""
+    runtime = hasattr(api, "cudaGetErrorName")
+    name = (api.cudaGetErrorName if runtime else api.cuGetErrorName)(err)[1]
+    text = (api.cudaGetErrorString if runtime else api.cuGetErrorString)(err)[1]
     decode = (lambda b: b.decode(errors="replace") if isinstance(b, bytes) else str(b))
     return f"{decode(name)} ({decode(text)})"
 
 
-def check(rt, result, what: str):
-    """Unwrap a cudart result tuple: () -> None, (x,) -> x, else the tuple; raise on an error."""
+def check(api, result, what: str):
+    """Unwrap a cudart / driver result tuple: () -> None, (x,) -> x, else the tuple; raise on an
+    error."""
     err, rest = result[0], result[1:]
     if int(err) != 0:
-        raise DeviceError(f"CUDA {what} failed: {error_text(rt, err)}")
+        raise DeviceError(f"CUDA {what} failed: {error_text(api, err)}")
     return None if not rest else rest[0] if len(rest) == 1 else rest
 
 
@@ -130,6 +146,12 @@ def ring_commit_copies(ring: int, new: int, rows: int, capacity: int, seq: int, 
     return out
 
 
+def commit_table(pairs) -> np.ndarray:
+    """int64 [N, 5] rows (ring, new, rows, capacity, row bytes): the table of the device commit
+    kernel (plugins/ring_commit.py), one row per ring committed at slot pos mod capacity."""
+    return np.array([list(p) for p in pairs], dtype=np.int64).reshape(-1, 5)
+
+
 # ---- GPU info ------------------------------------------------------------------------------------
 def _gpu_info_driver(device: int) -> tuple[str, tuple[int, int]]:
     """Name and compute capability from libcuda (the driver) when cuda-python is absent."""
@@ -190,10 +212,13 @@ class Cuda:
             raise DeviceError(f"no CUDA device {device} ({count} visible)")
         self.check(rt.cudaSetDevice(device), "cudaSetDevice")
         self.default = rt.cudaMemcpyKind.cudaMemcpyDefault
+        self.driver = None
         self._buffers: list[int] = []
         self._pinned: list[int] = []
         self._streams: list = []
         self._events: list = []
+        self._graphs: list = []
+        self._modules: list = []
 
     def check(self, result, what: str):
         return check(self.rt, result, what)
@@ -267,11 +292,69 @@ class Cuda:
     def memset_async(self, ptr: int, size: int, stream) -> None:
         self.check(self.rt.cudaMemsetAsync(ptr, 0, size, stream), "cudaMemsetAsync")
 
+    # CUDA graphs
+    def begin_capture(self, stream) -> None:
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self.check(self.rt.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+
+    def end_capture(self, stream):
+        """The captured graph, or None when the capture was invalidated (error state cleared)."""
+        err, graph = self.rt.cudaStreamEndCapture(stream)
+        if int(err) != 0 or graph is None:
+            self.rt.cudaGetLastError()
+            return None
+        return graph
+
+    def drop_graph(self, graph) -> None:
+        """Destroy a captured graph that will not be instantiated."""
+        self.check(self.rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+
+    def instantiate(self, graph):
+        try:
+            exe = self.check(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            self.rt.cudaGraphDestroy(graph)
+        self._graphs.append(exe)
+        return exe
+
+    def free_graph(self, exe) -> None:
+        self._graphs.remove(exe)
+        self.check(self.rt.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
+
+    def launch_graph(self, exe, stream) -> None:
+        self.check(self.rt.cudaGraphLaunch(exe, stream), "cudaGraphLaunch")
+
+    # PTX kernels (driver API)
+    def load_module(self, ptx: str):
+        self.driver = self.driver or load_driver()
+        module = check(self.driver, self.driver.cuModuleLoadData(ptx.encode() + b"\0"),
+                       "cuModuleLoadData (PTX newer than this driver supports?)")
+        self._modules.append(module)
+        return module
+
+    def function(self, module, name: str):
+        return check(self.driver, self.driver.cuModuleGetFunction(module, name.encode()),
+                     f"cuModuleGetFunction({name})")
+
+    def launch(self, func, grid: tuple, block: int, stream, args: tuple, shared: int = 0) -> None:
+        """func<<<grid, block threads, `shared` bytes of dynamic shared memory, stream>>>(args):
+        `args` are ints, each a pointer unless given as (value, ctypes type)."""
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3]
+        pairs = [a if isinstance(a, tuple) else (a, ctypes.c_void_p) for a in args]
+        params = (tuple(v for v, _ in pairs), tuple(t for _, t in pairs))
+        check(self.driver, self.driver.cuLaunchKernel(func, gx, gy, gz, block, 1, 1, shared,
+                                                      stream, params, 0), "cuLaunchKernel")
+
     def close(self) -> None:
-        """Wait for every stream, then free buffers, pinned memory, events and streams."""
+        """Wait for every stream, then free graphs, modules, buffers, pinned memory, events and
+        streams."""
         rt = self.rt
         for s in self._streams:
             rt.cudaStreamSynchronize(s)
+        for exe in self._graphs:
+            rt.cudaGraphExecDestroy(exe)
+        for module in self._modules:
+            self.driver.cuModuleUnload(module)
         for p in self._buffers:
             rt.cudaFree(p)
         for p in self._pinned:
@@ -281,133 +364,4 @@ class Cuda:
         for s in self._streams:
             rt.cudaStreamDestroy(s)
         self._buffers, self._pinned, self._events, self._streams = [], [], [], []
-
-
-# ---- the decode state of one session, on the device ---------------------------------------------
-def cross_edges(ios: list[dict]) -> list[list[tuple[str, str, str]]]:
-    """Per producer k: (cross_out name, cross_null name, consumer's cross_in name) by layer, k/v."""
-    edges = []
-    for k in range(len(ios) - 1):
-        by: dict = {}
-        for t in ios[k]["outputs"] + ios[k + 1]["inputs"]:
-            by.setdefault((t["layer"], t["kv"]), {})[t["role"]] = t["name"]
-        edges.append([(v["cross_out"], v["cross_null"], v["cross_in"])
-                      for v in by.values() if "cross_out" in v])
-    return edges
-
-
-class DeviceState:
-    """Device buffers of one (batch) session, laid out and used exactly like HostState:
-
-        rings[k]       self.* / cross.* [B, H, C, D] (zeroed by reset)
-        staging[k]     new_self.* [B, H, 1, D], cross_null.* scratch, logits [B, 1, V]
-        pending[k][p]  cross_in.* [B, H, 1, D] of consumer k for steps of parity p
-
-    At step i (parity p) stack k reads pending[k][p] and writes cross_out.* into
-    pending[k+1][1-p]; `commit(k, p, pos, stream)` then copies its new_self.* and pending[k][p]
-    into its rings at slot pos % C. Prefill chunks use grow-only scratch buffers."""
-
-    def __init__(self, cuda: "Cuda", ios: list[dict], batch: int):
-        self.cuda, self.ios, self.batch = cuda, ios, batch
-        self.edges = cross_edges(ios)
-        self.owned: list[int] = []
-        self.zero: list[tuple[int, int]] = []
-        self.scratch_bufs: dict = {}
-        # KV tensors [B, H, L, D] viewed as [rows = B*H, L, row = D elements]: (rows, row bytes)
-        self.geom = [{t["name"]: (batch * t["shape"][1], t["shape"][3] * ITEMSIZE[t["dtype"]])
-                      for t in io["inputs"] + io["outputs"] if len(t["shape"]) == 4}
-                     for io in ios]
-        self.caps = [{t["name"]: t["shape"][2] for t in io["inputs"]
-                      if t["role"] in ("self", "cross")} for io in ios]
-        self.rings = [{t["name"]: self._alloc(shape_of(t, batch, 0), t["dtype"], True)
-                       for t in io["inputs"] if t["role"] in ("self", "cross")} for io in ios]
-        self.staging = [{t["name"]: self._alloc(shape_of(t, batch, 1), t["dtype"])
-                         for t in io["outputs"] if t["role"] != "cross_out"} for io in ios]
-        self.pending = [[{t["name"]: self._alloc(shape_of(t, batch, 1), t["dtype"], True)
-                          for t in io["inputs"] if t["role"] == "cross_in"} for _ in range(2)]
-                        for io in ios]
-        self.commits = [[self.ring_pairs(k, self.staging[k], self.pending[k][p]) for p in (0, 1)]
-                        for k in range(len(ios))]
-
-    def _alloc(self, shape, dtype: str, zero: bool = False) -> int:
-        size = nbytes(shape, dtype)
-        ptr = self.cuda.malloc(size)
-        self.owned.append(ptr)
-        if zero:
-            self.zero.append((ptr, size))
-        return ptr
-
-    def reset(self, stream) -> None:
-        for ptr, size in self.zero:
-            self.cuda.memset_async(ptr, size, stream)
-
-    def inputs(self, k: int, parity: int) -> dict[str, int]:
-        """Decode inputs of stack k but input_ids / pos (the backend's): rings, pending[k][p]."""
-        return {**self.rings[k], **self.pending[k][parity]}
-
-    def outputs(self, k: int, parity: int) -> dict[str, int]:
-        out = dict(self.staging[k])
-        if k < len(self.edges):
-            nxt = self.pending[k + 1][1 - parity]
-            out.update({src: nxt[dst] for src, _, dst in self.edges[k]})
-        return out
-
-    def ring_pairs(self, k: int, outputs: dict, inputs: dict) -> list[tuple]:
-        """(ring, source, rows, capacity, row_bytes) of every ring stack k commits: new_self.*
-        from `outputs` into self rings, cross_in.* from `inputs` into cross rings."""
-        io, geom = self.ios[k], self.geom[k]
-        pairs = [(outputs[src], dst) for src, dst in role_map(io, "new_self", "self")]
-        pairs += [(inputs[src], dst) for src, dst in role_map(io, "cross_in", "cross", "inputs")]
-        return [(self.rings[k][dst], src, geom[dst][0], self.caps[k][dst], geom[dst][1])
-                for src, dst in pairs]
-
-    def commit(self, k: int, parity: int, pos: int, stream) -> None:
-        for ring, src, rows, cap, row in self.commits[k][parity]:
-            for c in ring_commit_copies(ring, src, rows, cap, 1, pos, row):
-                self.cuda.copy2d(c, stream)
-
-    # prefill
-    def scratch(self, key, size: int) -> int:
-        ptr, have = self.scratch_bufs.get(key, (0, 0))
-        if have < size:
-            if ptr:
-                self.cuda.free(ptr)
-                self.owned.remove(ptr)
-            ptr, have = self.cuda.malloc(size), size
-            self.owned.append(ptr)
-            self.scratch_bufs[key] = (ptr, have)
-        return ptr
-
-    def prefill_buffers(self, k: int, seq: int, pos: int, produced: dict, stream) -> dict:
-        """Scratch for stack k's outputs, and cross_in = M[pos .. pos+seq-1] assembled from the
-        pending entry (the producer's null entry at pos 0) and the producer's first seq-1."""
-        io, out = self.ios[k], {}
-        for t in io["outputs"]:
-            out[t["name"]] = self.scratch((k, t["name"]),
-                                          nbytes(shape_of(t, self.batch, seq), t["dtype"]))
-        for src, null, dst in (self.edges[k - 1] if k > 0 else []):
-            rows, row = self.geom[k][dst]
-            buf = out[dst] = self.scratch((k, dst), rows * seq * row)
-            head = produced[null] if pos == 0 else self.pending[k][pos % 2][dst]
-            self.cuda.copy2d(seq_slice_copy(buf, seq, 0, head, 1, 0, 1, rows, row), stream)
-            if seq > 1:
-                self.cuda.copy2d(seq_slice_copy(buf, seq, 1, produced[src], seq, 0, seq - 1,
-                                                rows, row), stream)
-        return out
-
-    def prefill_commit(self, k: int, addr: dict, seq: int, pos: int, stream) -> list[Copy2D]:
-        """Commit stack k's chunk into its rings; returns the hand-off copies of its last cross
-        entries to pending[k+1][(pos+seq) % 2], to run once every stack has read pending."""
-        for ring, src, rows, cap, row in self.ring_pairs(k, addr, addr):
-            for c in ring_commit_copies(ring, src, rows, cap, seq, pos, row):
-                self.cuda.copy2d(c, stream)
-        if k >= len(self.edges):
-            return []
-        nxt = self.pending[k + 1][(pos + seq) % 2]
-        return [seq_slice_copy(nxt[dst], 1, 0, addr[src], seq, seq - 1, 1, *self.geom[k][src])
-                for src, _, dst in self.edges[k]]
-
-    def free(self) -> None:
-        for ptr in self.owned:
-            self.cuda.free(ptr)
-        self.owned, self.scratch_bufs = [], {}
+        self._graphs, self._modules = [], []

@@ -1,7 +1,7 @@
 """TensorRT backend: one engine per stack, every stack's decode step on its own CUDA stream.
 
 Same interface and dataflow as `OrtBackend` + `HostState`, with every buffer on the device
-(`device.DeviceState`: rings, staging, pending[k][parity], allocated once per batch size):
+(`device_state.DeviceState`: rings, staging, pending[k][p], allocated once per batch size):
 
     per stack k     engine; context "decode" (profile 0, seq 1) and "prefill" (profile 1);
                     a non-blocking stream; step input [tokens | pos] (one H2D copy per step)
@@ -14,6 +14,17 @@ new_self.* and pending[k][p] into the rings at slot pos % C (cudaMemcpy2DAsync, 
 elements) -> record consumed[k][p] -> last stack: D2H of the logits, record logits_ready[p].
 So no graph reads memory a concurrent graph writes. finish() waits for logits_ready[p] only.
 `sequential=True` puts every stack on one stream (stream order replaces the events).
+
+CUDA graphs. A step's device work does not depend on the position except through the ring slot,
+so with the bundle's device commit kernel (`engines.commit_kernel`, plugins/ring_commit.py: one
+launch commits every ring of a stack at slot pos mod C, reading pos from the step input on the
+GPU) each (stack, parity) step is captured once per batch size as a CUDA graph: enqueue ->
+commit kernel -> (last stack) D2H of the logits. launch() then issues the upload, the waits, one
+cudaGraphLaunch and the records. Capture follows trtexec: addresses set, one ordinary enqueue and
+a sync first, cudaStreamCaptureModeThreadLocal, and a failed enqueue or invalidated capture ends
+the capture and clears the error. Where a graph cannot be made (no commit kernel in the bundle,
+`is_stream_capturable` false, capture failed) every step uses the plain path above;
+`graph_note` says which and why.
 
 Engines are tied to the TensorRT version and the GPU: `check_engine_compat` compares
 manifest["engines"] with this machine before anything is deserialized. Only numpy, TensorRT (or
@@ -28,12 +39,17 @@ import sys
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .device import Cuda, DeviceState, align, native, seq_slice_copy
+from .device import Cuda, DeviceError, align, native, seq_slice_copy
+from .device_state import DeviceState
 from .rings import shape_of
 
 MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 RTX_MODULES = ("tensorrt_rtx", "tensorrt_rtx_bindings")
-RTX_DEFAULT_MIN_CC = (8, 0)     # TensorRT-RTX default targets: Ampere and newer (docs, CPU engines)
+# TensorRT-RTX runs on RTX GPUs only (trt.ComputeCapability: SM75, SM80, SM86, SM89, SM120, SM121;
+# no Hopper 9.x, no datacenter Blackwell 10.x). Engines built without an explicit target run on
+# all but Turing, which needs one (TensorRT-RTX docs, "CPU-Only AOT and TensorRT-RTX Engines").
+RTX_SUPPORTED_CC = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+RTX_DEFAULT_CC = RTX_SUPPORTED_CC[1:]
 TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64",
               "INT32": "int32"}
 
@@ -106,14 +122,20 @@ def check_engine_compat(meta: dict | None, module: str, version: str, gpu_name: 
             raise BundleError(f"the engines were built on {gpu.get('name')}, this GPU is {here} "
                               f"(engines are specific to the GPU model); {rebuild}")
         return
+    if cc not in RTX_SUPPORTED_CC:
+        raise BundleError(f"TensorRT-RTX engines run on RTX GPUs of compute capability "
+                          f"{cc_list(RTX_SUPPORTED_CC)} only, this GPU is {here}; use full "
+                          "TensorRT here (pip install tensorrt) and `stagcompile build BUNDLE`")
     targets = [tuple(int(x) for x in t) for t in meta.get("compute_capabilities") or []]
-    if targets and cc not in targets:
-        listed = ", ".join(f"{a}.{b}" for a, b in targets)
-        raise BundleError(f"the engines were built for compute capabilities {listed}, this GPU "
-                          f"is {here}; {rebuild}")
-    if not targets and cc < RTX_DEFAULT_MIN_CC:
-        raise BundleError(f"the engines target TensorRT-RTX's default GPUs (compute capability "
-                          f">= 8.0), this GPU is {here}; rebuild with an explicit target")
+    if cc not in (targets or RTX_DEFAULT_CC):
+        kind = "" if targets else "TensorRT-RTX's default "
+        raise BundleError(f"the engines were built for {kind}compute capabilities "
+                          f"{cc_list(targets or RTX_DEFAULT_CC)}, this GPU is {here}; {rebuild}"
+                          + ("" if targets else " for an explicit target"))
+
+
+def cc_list(ccs) -> str:
+    return ", ".join(f"{a}.{b}" for a, b in ccs)
 
 
 def profile_of(meta: dict, name: str) -> dict:
@@ -128,19 +150,20 @@ class TrtBackend:
     name = "trt"
     concurrency = "streams"
 
-    def __init__(self, bundle: Bundle, sequential: bool = False):
+    def __init__(self, bundle: Bundle, sequential: bool = False, use_graphs: bool = True):
         meta = bundle.manifest.get("engines")
         if not meta:
             bundle.engine(1)                       # raises the "run stagcompile build" error
         trt, module = import_trt(meta["tensorrt"]["module"])
         self.trt, self.cuda = trt, Cuda()
         try:
-            self._setup(bundle, meta, module, sequential)
+            self._setup(bundle, meta, module, sequential, use_graphs)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, bundle: Bundle, meta: dict, module: str, sequential: bool) -> None:
+    def _setup(self, bundle: Bundle, meta: dict, module: str, sequential: bool,
+               use_graphs: bool) -> None:
         trt = self.trt
         gpu_name, cc = self.cuda.info()
         check_engine_compat(meta, module, trt.__version__, gpu_name, cc)
@@ -175,6 +198,8 @@ class TrtBackend:
         self.host_prompt = cu.pinned((self.max_batch * (self.max_prefill + 1),), np.int64)
         self.session: dict | None = None
         self.state: DeviceState | None = None
+        self.graphs: list | None = None
+        self.commit_fn, self.graph_note = self._commit_kernel(meta, use_graphs)
 
     # ---- loading -------------------------------------------------------------------------------
     def _load(self, k: int):
@@ -203,16 +228,37 @@ class TrtBackend:
                                   "in the manifest; rebuild the engines")
         return engine
 
+    def _commit_kernel(self, meta: dict, use_graphs: bool):
+        """(the device commit kernel's CUfunction, None) or (None, why CUDA graphs are off)."""
+        kernel = meta.get("commit_kernel")
+        if not use_graphs:
+            return None, "CUDA graphs off (use_graphs=False)"
+        if not kernel:
+            return None, ("CUDA graphs off: the bundle has no device commit kernel (build the "
+                          "engines with triton installed)")
+        path = self.bundle.root / kernel["file"]
+        if not path.is_file():
+            raise BundleError(f"{path}: the device commit kernel listed in the manifest is missing")
+        try:
+            function = self.cuda.function(self.cuda.load_module(path.read_text()), kernel["name"])
+        except DeviceError as exc:          # e.g. PTX newer than this driver
+            return None, f"CUDA graphs off: the device commit kernel does not load here ({exc})"
+        self.commit_block = 32 * kernel["num_warps"]
+        return function, None
+
     def _context(self, k: int, profile: dict):
         ctx = self.engines[k].create_execution_context()
         if ctx is None:
             raise BundleError(f"stack {k + 1}: cannot create a TensorRT execution context (out "
                               f"of GPU memory?): {' | '.join(self.logger.errors()[-2:])}")
         try:
-            ctx.set_optimization_profile_async(profile["index"], native(self.streams[k]))
+            ok, why = ctx.set_optimization_profile_async(profile["index"],
+                                                         native(self.streams[k])), "returned False"
         except RuntimeError as exc:
+            ok, why = False, str(exc)
+        if not ok:
             raise BundleError(f"stack {k + 1}: cannot select the {profile['name']} optimization "
-                              f"profile {profile['index']} ({exc}); rebuild the engines") from None
+                              f"profile {profile['index']} ({why}); rebuild the engines")
         self.cuda.sync(self.streams[k])
         return ctx
 
@@ -264,6 +310,58 @@ class TrtBackend:
             st["bind"].append([[(n, a) for n, a in pairs if n not in fixed] for pairs in parity])
             self._bind(self.decode[k], k, {}, dict(st["bind"][k][0]), "decode")
             self._check_outputs(k, batch)
+        if self.commit_fn is not None:
+            self.graphs, self.graph_note = self._capture_graphs()
+
+    def _capture_graphs(self) -> tuple[list | None, str]:
+        """One CUDA graph per (stack, parity), or (None, why not) when one cannot be made."""
+        cu, st, ds = self.cuda, self.session, self.state
+        tables = ds.commit_tables(self.streams[0])
+        for k, s in enumerate(self.streams):        # the warm-up enqueue reads a valid step
+            cu.memset_async(st["step_dev"][k], st["step_bytes"], s)
+            cu.sync(s)
+        for k, (ctx, s) in enumerate(zip(self.decode, self.streams)):
+            if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(native(s)):
+                return None, f"CUDA graphs off: TensorRT says stack {k + 1} is not capturable"
+        graphs = [[None, None] for _ in range(self.num_stacks)]
+        for k, (ctx, s) in enumerate(zip(self.decode, self.streams)):
+            for parity in (0, 1):
+                for name, ptr in st["bind"][k][parity]:
+                    ctx.set_tensor_address(name, ptr)
+                self._execute(ctx, k, s, "decode (before graph capture)")
+                cu.sync(s)
+                cu.begin_capture(s)
+                try:
+                    ok = ctx.execute_async_v3(native(s))
+                    if ok:
+                        self._device_commit(k, tables[k][parity], s)
+                        if k == self.num_stacks - 1:
+                            self._logits_copy(parity, s)
+                finally:
+                    graph = cu.end_capture(s)
+                if not ok or graph is None:
+                    if graph is not None:
+                        cu.drop_graph(graph)
+                    self._sync_all()
+                    for exe in filter(None, sum(graphs, [])):
+                        cu.free_graph(exe)
+                    log = " | ".join(self.logger.errors()[-2:]) or "no message"
+                    return None, (f"CUDA graphs off: capturing stack {k + 1}'s decode step "
+                                  f"failed ({log})")
+                graphs[k][parity] = cu.instantiate(graph)
+        self._sync_all()
+        return graphs, "CUDA graphs on: one per (stack, parity)"
+
+    def _device_commit(self, k: int, table: int, stream) -> None:
+        """Commit every ring of stack k at slot pos % C, pos read on the device."""
+        rows = self.state.tables_host[k][0][:, 2]
+        pos = self.session["step_dev"][k] + self.pos_off
+        self.cuda.launch(self.commit_fn, (len(rows), int(rows.max())), self.commit_block, stream,
+                         (table, pos))
+
+    def _logits_copy(self, parity: int, stream) -> None:
+        host = self.session["logits"][parity]
+        self.cuda.copy(host.ctypes.data, self.state.staging[-1]["logits"], host.nbytes, stream)
 
     def _check_outputs(self, k: int, batch: int) -> None:
         ctx = self.decode[k]
@@ -294,8 +392,10 @@ class TrtBackend:
     def _free_session(self) -> None:
         if self.state is not None:
             self._sync_all()
+            for exe in sum(self.graphs or [], []):
+                self.cuda.free_graph(exe)
             self.state.free()
-            self.state = self.session = None
+            self.state = self.session = self.graphs = None
 
     # ---- prefill -------------------------------------------------------------------------------
     def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
@@ -361,16 +461,21 @@ class TrtBackend:
                 cu.wait(s, self.written[k - 1][1 - parity])
             if k < self.num_stacks - 1:
                 cu.wait(s, self.consumed[k + 1][1 - parity])
-        ctx = self.decode[k]
-        for name, ptr in st["bind"][k][parity]:
-            ctx.set_tensor_address(name, ptr)
-        self._execute(ctx, k, s, "decode")
-        cu.record(self.written[k][parity], s)
-        self.state.commit(k, parity, st["pos"], s)
+        last = k == self.num_stacks - 1
+        if self.graphs is not None:
+            cu.launch_graph(self.graphs[k][parity], s)
+            cu.record(self.written[k][parity], s)
+        else:
+            ctx = self.decode[k]
+            for name, ptr in st["bind"][k][parity]:
+                ctx.set_tensor_address(name, ptr)
+            self._execute(ctx, k, s, "decode")
+            cu.record(self.written[k][parity], s)
+            self.state.commit(k, parity, st["pos"], s)
+            if last:
+                self._logits_copy(parity, s)
         cu.record(self.consumed[k][parity], s)
-        if k == self.num_stacks - 1:
-            host = st["logits"][parity]
-            cu.copy(host.ctypes.data, self.state.staging[k]["logits"], host.nbytes, s)
+        if last:
             cu.record(self.logits_ready[parity], s)
 
     def finish(self) -> np.ndarray:
