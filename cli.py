@@ -324,7 +324,7 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
                                       "ops, the default) or portable."),
           peer: Optional[str] = typer.Option(None, help="ortgenai: also time ONNX Runtime "
                                              "GenAI's model of the P = 1 baseline's weights "
-                                             "(needs stagcompile[peer]; batch 1)."),
+                                             "(needs stagcompile\\[peer]; batch 1)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Write a bar chart (PNG).")):
     """Staggered vs sequential vs a P = 1 baseline vs PyTorch eager, side by side."""

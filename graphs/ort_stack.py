@@ -3,7 +3,8 @@
 Where `graphs.stack` is traced from the reference model, this graph is assembled node by node
 (onnx_ir), in the shape ONNX Runtime GenAI's model builder gives a Llama: fused projections,
 `com.microsoft` GroupQueryAttention that appends to its cache in place, SkipSimplifiedLayer-
-Normalization for every residual add + RMSNorm. About 12 nodes per layer instead of about 75.
+Normalization for every residual add + RMSNorm (the first norm of the stack, which has no add,
+is opset 23's RMSNormalization). About 12 nodes per layer instead of about 75.
 It computes exactly the reference's stack step (DESIGN section 1); tests hold it to the golden
 trace like the other flavours. I/O names and shapes: `graphs.io.ort_stack_io`.
 
