@@ -33,6 +33,8 @@ def test_small_and_base_sizes():
     ({"n_heads": True}, "n_heads=True: expected an integer, got bool"),
     ({"norm_eps": 2.0}, "norm_eps=2.0: must be in (0, 1)"),
     ({"num_stacks": 1, "cross_window": 4}, "cross_window=4: needs num_stacks >= 2"),
+    ({"num_stacks": 1, "cross_gate": True}, "cross_gate=true: needs num_stacks >= 2"),
+    ({"cross_gate": 1}, "cross_gate=1: expected true or false, got int"),
 ])
 def test_invalid_values_are_named(changes, message):
     with pytest.raises(ConfigError) as err:
