@@ -12,8 +12,8 @@ the model config and the trainer's stack-1 options (stagcompile/train.py). Suite
             positions), cross_window 1 and 16
     screen  (400 steps, seed 0) the baselines and P=2 separate with each candidate recipe alone
             and the combinations tried
-    recipe  (1500 steps, seeds 0 1 2) the baselines, P=2 paper-faithful and P=2 with the adopted
-            recipe (separate and shared weights)
+    recipe  (1500 steps, seeds 0 1 2) the P = 1 baselines and P=2 (separate weights) with the
+            adopted recipe
 
 Prints a markdown table (per row: mean and spread over seeds, each seed's value, wall time) and
 writes OUT/SUITE/quality.json (every run and the summary). Runs already in OUT are reused.
@@ -43,6 +43,7 @@ P1_2L, P1_L = ["num_stacks=1", "layers_per_stack=4"], ["num_stacks=1", "layers_p
 P2 = ["num_stacks=2", "layers_per_stack=2"]
 SHARED = P2 + ["shared_weights=true"]
 GATE = ["cross_gate=true"]
+RECIPE = {"aux_loss": 1.0, "stack1_lr_mult": 0.1}      # with GATE: the adopted stack-1 recipe
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,13 @@ SUITES = {
         Row("P=2 init per-stack depth", P2, {"init_depth": "stack"}),
         Row("P=2 detach keys", P2, {"detach_memory": "keys"}),
         Row("P=2 detach values", P2, {"detach_memory": "values"}),
+        Row("P=2 cross gate + aux loss 1", P2 + GATE, {"aux_loss": 1.0}),
+        Row("P=2 aux loss 1 + memory detached", P2, {"aux_loss": 1.0, "detach_memory": "both"}),
+        Row("P=2 cross gate + aux loss 1 + detach values", P2 + GATE,
+            {"aux_loss": 1.0, "detach_memory": "values"}),
+        Row("P=2 cross gate + aux loss 1 + stack1 lr x0.1", P2 + GATE, RECIPE),
     ],
-    "recipe": BASELINES,
+    "recipe": BASELINES[:2] + [Row("P=2 separate, recipe", P2 + GATE, RECIPE)],
 }
 DEFAULTS = {"paper": (1500, [0]), "screen": (400, [0]), "recipe": (1500, [0, 1, 2])}
 
