@@ -280,6 +280,14 @@ def train(texts: List[Path] = typer.Argument(..., help="Training text files (.tx
           tokenizer: Optional[Path] = typer.Option(None, help="Use this tokenizer.json instead "
                                                    "of training one."),
           threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+          stack1_lr_mult: float = typer.Option(1.0, help="Learning-rate multiplier of the "
+                                               "parameters only stack 1 uses."),
+          aux_loss: float = typer.Option(0.0, help="Weight of a next-token loss on stack 1's "
+                                         "output through the tied head (0: off)."),
+          detach_memory: str = typer.Option("none", help="No gradient into stack 1 through the "
+                                            "memory's keys, values or both (none: off)."),
+          init_depth: str = typer.Option("model", help="Scale output projections' init by the "
+                                         "model's depth (model) or one stack's (stack)."),
           resume: bool = typer.Option(False, help="Continue the checkpoint in --output.")):
     """Train a StagFormer with the reference model (byte-level BPE tokenizer included)."""
     from stagcompile.train import TrainOptions, train as run_training
@@ -287,7 +295,9 @@ def train(texts: List[Path] = typer.Argument(..., help="Training text files (.tx
         import torch
         torch.set_num_threads(threads)
     opts = TrainOptions(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
-                        eval_every=eval_every, save_every=save_every, seed=seed)
+                        eval_every=eval_every, save_every=save_every, seed=seed,
+                        stack1_lr_mult=stack1_lr_mult, aux_loss=aux_loss,
+                        detach_memory=detach_memory, init_depth=init_depth)
     log = run_training(texts, output, preset, set_, opts, resume, val, vocab_size, tokenizer)
     if log:
         last = log[-1]

@@ -30,7 +30,8 @@ Attention paths, by window (each recorded in the manifest):
 - window W: GroupQueryAttention's sliding-window cache (`sliding_window_cache=1`,
   `local_window_size=W`: the query at p attends p-W+1 .. p, exactly the reference) of 2W rows;
   it keeps the latest positions contiguous and compacts by itself, so memory stays constant.
-RoPE: when every attention is windowed (the model may run past max_seq_len) the tables are
+With `cross_gate` the gate is folded into the cross-attention's output projection
+(tanh(gate) * Wo). RoPE: when every attention is windowed (the model may run past max_seq_len) the tables are
 computed per step from `pos` and applied by RotaryEmbedding nodes; otherwise GroupQueryAttention
 rotates with fixed tables of max_seq_len positions.
 """
@@ -244,7 +245,11 @@ class OrtStackGraph:
                                       b.values[f"cross.k.{l}"], b.values[f"cross.v.{l}"],
                                       self.cfg.cross_window)
         self._present(present, "cross", l)
-        return self._linear(a, f"{c}.attn.wo", f"{c}.attn.wo.weight"), resid
+        wo = self.w[f"{c}.attn.wo.weight"]
+        if self.cfg.cross_gate:          # tanh(gate) * (a @ Wo) = a @ (tanh(gate) * Wo)
+            gate = np.tanh(self.w[f"{c}.gate"].astype(np.float32))
+            wo = (wo.astype(np.float32) * gate).astype(wo.dtype)
+        return self.b.op("MatMul", [a, self.b.weight(f"{c}.attn.wo", _t(wo))]), resid
 
     def _emit_memory(self, h) -> None:
         """Consumer cross K/V of entries pos+1 .. pos+S (h is mem_norm of the output), and the

@@ -5,6 +5,9 @@
 construction: every invalid value or combination raises `ConfigError` with a message that names the
 field, the value and what is allowed. It round-trips through JSON (`to_json` / `from_json`), and
 command-line overrides (`--set key=value`) are parsed with the field's own type (`with_overrides`).
+Fields added after the first release have defaults that reproduce the earlier model, so older
+`config.json` files (which lack them) load unchanged; `cross_gate` (a learned tanh gate on each
+cross-attention, zero at initialisation) is one.
 
 Named presets:
 
@@ -51,6 +54,7 @@ class StagConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True     # False: a separate LM head `lm_head.weight` (imported models)
+    cross_gate: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -84,6 +88,9 @@ class StagConfig:
         if self.cross_window is not None and self.num_stacks == 1:
             raise ConfigError(f"config field cross_window={self.cross_window}: needs "
                               "num_stacks >= 2 (a single stack has no cross-attention)")
+        if self.cross_gate and self.num_stacks == 1:
+            raise ConfigError("config field cross_gate=true: needs num_stacks >= 2 (a single "
+                              "stack has no cross-attention to gate)")
         if self.rope_theta <= 1.0:
             raise ConfigError(f"config field rope_theta={self.rope_theta}: must be > 1")
         if not 0.0 < self.norm_eps < 1.0:
@@ -179,7 +186,7 @@ _FIELD_TYPES = {
     "vocab_size": int, "d_model": int, "n_heads": int, "n_kv_heads": int, "d_ff": int,
     "num_stacks": int, "layers_per_stack": int, "shared_weights": bool,
     "cross_window": "optional int", "self_window": "optional int", "max_seq_len": int,
-    "rope_theta": float, "norm_eps": float, "tie_embeddings": bool,
+    "rope_theta": float, "norm_eps": float, "tie_embeddings": bool, "cross_gate": bool,
 }
 
 

@@ -65,11 +65,16 @@ class Attention(nn.Module):
     def query(self, x: torch.Tensor, tables) -> torch.Tensor:
         return rope(self._heads(self.wq(x), self.n_heads), tables)
 
+    def key(self, src: torch.Tensor, tables) -> torch.Tensor:
+        """Rotated keys [B, Hkv, S, D] of entries at the tables' positions."""
+        return rope(self._heads(self.wk(src), self.n_kv_heads), tables)
+
+    def value(self, src: torch.Tensor) -> torch.Tensor:
+        return self._heads(self.wv(src), self.n_kv_heads)                   # [B, Hkv, S, D]
+
     def key_value(self, src: torch.Tensor, tables):
         """Rotated keys and values [B, Hkv, S, D] of entries at the tables' positions."""
-        k = rope(self._heads(self.wk(src), self.n_kv_heads), tables)
-        v = self._heads(self.wv(src), self.n_kv_heads)
-        return k, v
+        return self.key(src, tables), self.value(src)
 
     def attend(self, q, k_new, v_new, k_cache, v_cache, pos, window: int | None) -> torch.Tensor:
         out = attention(q, k_new, v_new, k_cache, v_cache, pos,
@@ -101,12 +106,15 @@ class SelfLayer(nn.Module):
 
 
 class CrossLayer(nn.Module):
-    """Cross-attention of one layer of a consumer stack (always per stack)."""
+    """Cross-attention of one layer of a consumer stack (always per stack); with
+    `cfg.cross_gate` also a scalar gate [1] (the sublayer's output is scaled by tanh(gate))."""
 
     def __init__(self, cfg):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        if cfg.cross_gate:
+            self.gate = nn.Parameter(torch.zeros(1))
 
 
 class Trunk(nn.Module):

@@ -4,6 +4,7 @@ DESIGN.md section 1, exactly. Stacks are 0-indexed here (stack 0 is the paper's 
 
     stack 0:   x = E[t];  per layer: x += SelfAttn(norm(x)); x += MLP(norm(x))
     stack k>0: x = E[t];  per layer: x += SelfAttn(norm(x)); x += CrossAttn(norm(x), M(k)); x += MLP(norm(x))
+               (with cfg.cross_gate: x += tanh(gate_{k,l}) * CrossAttn(norm(x), M(k)), gate zero at init)
     memory:    M(k)[0] = null_k,  M(k)[j] = mem_norm_{k-1}(x of stack k-1)[j - 1]
     logits:    norm_f(x of the last stack) @ E^T
 
@@ -12,9 +13,9 @@ query i attends M[j] for i - cross_window < j <= i, each entry rotated by RoPE a
 
 Parameters (state-dict names): `embed.weight`; `trunks.{t}.layers.{l}.{attn_norm,attn.{wq,wk,wv,wo},
 mlp_norm,mlp.{w1,w2,w3}}` with one trunk per stack, or a single trunk with shared_weights;
-`crosses.{k-1}.layers.{l}.{norm,attn.*}` and `crosses.{k-1}.null` for consumer stack k;
-`mem_norms.{k}` for producer stack k; `norm_f.weight`; `lm_head.weight` only when the config
-has tie_embeddings=false (imported Hugging Face models with a separate head).
+`crosses.{k-1}.layers.{l}.{norm,attn.*}` (and `.gate` [1] with cross_gate) and `crosses.{k-1}.null`
+for consumer stack k; `mem_norms.{k}` for producer stack k; `norm_f.weight`; `lm_head.weight` only
+when the config has tie_embeddings=false (imported Hugging Face models with a separate head).
 
 Three ways to run it:
 (a) `forward(ids, targets)`: teacher-forced, stacks in order over the whole sequence;
@@ -38,6 +39,8 @@ from stagcompile.config import StagConfig
 from stagcompile.layers import CrossStack, RMSNorm, Trunk, rope_tables
 
 KV = tuple[torch.Tensor, torch.Tensor]
+INIT_DEPTHS = ("model", "stack")                 # reset_parameters' depth
+DETACH = ("none", "keys", "values", "both")      # memory_entries' detach
 
 
 @dataclass
@@ -62,15 +65,24 @@ class StagFormer(nn.Module):
                         else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
         self.reset_parameters()
 
-    def reset_parameters(self, seed: int | None = None) -> None:
+    def reset_parameters(self, seed: int | None = None, depth: str = "model") -> None:
+        """Normal(0, 0.02) weights, residual output projections (wo, w2) scaled by
+        1/sqrt(2 * layers): the model's layers (`depth` "model", the default) or one stack's
+        ("stack", since every stack starts its own residual stream from the embedding).
+        Norms are one, cross gates zero."""
+        if depth not in INIT_DEPTHS:
+            raise ValueError(f"init depth {depth!r}: expected one of {', '.join(INIT_DEPTHS)}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
-        out_std = std / (2 * self.cfg.num_layers) ** 0.5
+        layers = self.cfg.num_layers if depth == "model" else self.cfg.layers_per_stack
+        out_std = std / (2 * layers) ** 0.5
         for name, prm in self.named_parameters():
             if prm.is_meta:
                 continue
             with torch.no_grad():
-                if prm.dim() == 1 and not name.endswith("null"):
+                if name.endswith("gate"):
+                    prm.zero_()
+                elif prm.dim() == 1 and not name.endswith("null"):
                     prm.fill_(1.0)
                 else:
                     s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
@@ -112,15 +124,26 @@ class StagFormer(nn.Module):
         if k > 0:
             cl = self.crosses[k - 1].layers[l]
             h = cl.norm(x)
-            x = x + cl.attn.attend(cl.attn.query(h, tables), *cross_kv(cl.attn, l),
-                                   *cross_cache, pos, cfg.cross_window)
+            y = cl.attn.attend(cl.attn.query(h, tables), *cross_kv(cl.attn, l), *cross_cache,
+                               pos, cfg.cross_window)
+            x = x + (torch.tanh(cl.gate) * y if cfg.cross_gate else y)
         return x + sl.mlp(sl.mlp_norm(x))
 
-    def memory_entries(self, x: torch.Tensor, producer: int, consumer: int, tables) -> list[KV]:
+    def memory_entries(self, x: torch.Tensor, producer: int, consumer: int, tables,
+                       detach: str = "none") -> list[KV]:
         """Cross K/V of consumer stack `consumer` for memory entries mem_norm_producer(x)
-        placed at the tables' positions (the producer's positions + 1)."""
-        h = self.mem_norms[producer](x)
-        return [cl.attn.key_value(h, tables) for cl in self.crosses[consumer - 1].layers]
+        placed at the tables' positions (the producer's positions + 1).
+
+        `detach` (training only; one of DETACH): "keys", "values" or "both" compute those from
+        x.detach(), so no gradient reaches the producer stack through them (the memory norm and
+        the projections still train); the values computed are the same."""
+        norm = self.mem_norms[producer]
+        h = norm(x)
+        cut = norm(x.detach()) if detach != "none" else h
+        hk = cut if detach in ("keys", "both") else h
+        hv = cut if detach in ("values", "both") else h
+        return [(cl.attn.key(hk, tables), cl.attn.value(hv))
+                for cl in self.crosses[consumer - 1].layers]
 
     def null_entries(self, consumer: int, batch: int) -> list[KV]:
         """Cross K/V of the null slot M[0] of `consumer`, [batch, Hkv, 1, D] per layer.
@@ -143,12 +166,14 @@ class StagFormer(nn.Module):
 
     # ---- (a) teacher-forced ----------------------------------------------------------------
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-                perturb: dict | None = None, stack_outputs: list | None = None):
+                perturb: dict | None = None, stack_outputs: list | None = None,
+                detach_memory: str = "none"):
         """Logits [B, T, V] (and the mean cross-entropy when `targets` is given).
 
         `perturb` {stack: tensor [B, T, d_model]} adds to a producer stack's output before it
         becomes memory; `stack_outputs`, when a list, receives every stack's output stream
-        (both used by the staggering tests)."""
+        (both used by the staggering tests; the trainer's auxiliary loss reads the latter);
+        `detach_memory` is `memory_entries`' `detach` (a training option)."""
         b, t = ids.shape
         tables = self.rope(torch.arange(t, device=ids.device).expand(b, t))    # over [B, T]
         pos0 = torch.zeros(b, dtype=torch.int64, device=ids.device)
@@ -165,19 +190,20 @@ class StagFormer(nn.Module):
             if k < self.cfg.num_stacks - 1:
                 if perturb and k in perturb:
                     x = x + perturb[k]
-                memory = self.memory(x[:, :-1], k, k + 1)
+                memory = self.memory(x[:, :-1], k, k + 1, detach_memory)
         logits = self.logits(x)
         if targets is None:
             return logits
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
 
-    def memory(self, stream: torch.Tensor, producer: int, consumer: int) -> list[KV]:
+    def memory(self, stream: torch.Tensor, producer: int, consumer: int,
+               detach: str = "none") -> list[KV]:
         """Memory M[0..n] of `consumer` as K/V: the null slot, then entries 1..n made from the
         producer's stream [B, n, d_model] (stream position j becomes entry j + 1)."""
         b, n = stream.shape[:2]
         shifted = torch.arange(1, n + 1, device=stream.device).expand(b, n)    # [B, n]
-        entries = self.memory_entries(stream, producer, consumer, self.rope(shifted))
+        entries = self.memory_entries(stream, producer, consumer, self.rope(shifted), detach)
         nulls = self.null_entries(consumer, b)
         return [(torch.cat([nk, k], 2), torch.cat([nv, v], 2))
                 for (nk, nv), (k, v) in zip(nulls, entries)]

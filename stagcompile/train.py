@@ -6,6 +6,13 @@ per byte), and checkpoints that resume exactly: batch b of step s is drawn from 
 seeded by (seed, s), and model, optimizer and step are restored, so a resumed run reproduces the
 uninterrupted one. Uses a CUDA GPU when there is one.
 
+Options for training stack 1 of a StagFormer (all off by default; README "Demo model and
+quality" measures them): `stack1_lr_mult` scales the learning rate of the parameters only stack 1
+uses (`stack1_only`); `aux_loss` adds that weight times a next-token loss on stack 1's output
+through the LM head (the validation loss never includes it); `detach_memory` stops the
+gradient into stack 1 through the memory's keys, values or both; `init_depth` "stack" scales
+the output projections' init by one stack's depth instead of the model's.
+
 The checkpoint folder holds config.json, model.safetensors, tokenizer.json, train_state.json and
 train_state.safetensors (optimizer and step, for --resume; no pickle: see stagcompile.train_state)
 and train_log.json (every evaluation).
@@ -27,7 +34,7 @@ from stagcompile import checkpoint, train_state
 from stagcompile.atomic import check_target
 from stagcompile.config import StagConfig, preset
 from stagcompile.errors import StagError
-from stagcompile.model import StagFormer
+from stagcompile.model import DETACH, INIT_DEPTHS, StagFormer
 from stagcompile.progress import progress
 from stagcompile.tokenizer import (MIN_VOCAB, encode, load_tokenizer, read_text, read_texts,
                                    train_tokenizer)
@@ -50,6 +57,10 @@ class TrainOptions:
     save_every: int = 500
     seed: int = 0
     val_fraction: float = 0.02
+    stack1_lr_mult: float = 1.0
+    aux_loss: float = 0.0
+    detach_memory: str = "none"
+    init_depth: str = "model"
 
     def check(self, cfg: StagConfig) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "save_every"):
@@ -62,6 +73,22 @@ class TrainOptions:
             raise StagError(f"--lr {self.lr}: must be in (0, 1)")
         if self.seed < 0:
             raise StagError(f"--seed {self.seed}: must be >= 0")
+        if not 0 < self.stack1_lr_mult <= 10:
+            raise StagError(f"--stack1-lr-mult {self.stack1_lr_mult}: must be in (0, 10]")
+        if self.aux_loss < 0:
+            raise StagError(f"--aux-loss {self.aux_loss}: must be >= 0")
+        if self.detach_memory not in DETACH:
+            raise StagError(f"--detach-memory {self.detach_memory}: expected one of "
+                            f"{', '.join(DETACH)}")
+        if self.init_depth not in INIT_DEPTHS:
+            raise StagError(f"--init-depth {self.init_depth}: expected one of "
+                            f"{', '.join(INIT_DEPTHS)}")
+        stack1 = {"--stack1-lr-mult": self.stack1_lr_mult != 1.0, "--aux-loss": self.aux_loss > 0,
+                  "--detach-memory": self.detach_memory != "none"}
+        for flag, used in stack1.items():
+            if used and cfg.num_stacks == 1:
+                raise StagError(f"{flag}: needs num_stacks >= 2 (a single stack has no stack 1 "
+                                "feeding a memory)")
 
 
 @dataclass
@@ -97,12 +124,46 @@ def lr_at(step: int, opts: TrainOptions) -> float:
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def make_optimizer(model: StagFormer, opts: TrainOptions) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=opts.lr, betas=(0.9, 0.95), eps=1e-8)
+def stack1_only(model: StagFormer) -> set[str]:
+    """Names of the parameters that only stack 1 uses: its trunk and memory norm with separate
+    weights, only the memory norm with shared weights (the shared trunk is every stack's)."""
+    per_stack = model.stack_parameter_names()
+    others = {n for k, names in per_stack.items() if k > 0 for n in names}
+    return set(per_stack[0]) - others
+
+
+def make_optimizer(model: StagFormer, opts: TrainOptions) -> tuple[torch.optim.AdamW, list[float]]:
+    """AdamW over decayed (matrices) and undecayed parameters, and each group's learning-rate
+    multiplier; with `stack1_lr_mult` != 1 each group splits into stack 1's and the rest."""
+    special = stack1_only(model) if opts.stack1_lr_mult != 1.0 else set()
+    groups, mults = [], []
+    for mult, stack1 in ((1.0, False), (opts.stack1_lr_mult, True)):
+        for decay, wd in ((True, opts.weight_decay), (False, 0.0)):
+            params = [p for n, p in model.named_parameters()
+                      if (n in special) == stack1 and (p.dim() >= 2) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": wd})
+                mults.append(mult)
+    opt = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95), eps=1e-8)
+    return opt, mults
+
+
+def stack1_loss(model: StagFormer, stream: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of stack 1's output h1 = mem_norm_1(x) [B, T, d_model] through
+    the tied head (the auxiliary loss)."""
+    logits = torch.matmul(model.mem_norms[0](stream).float(), model.head_weight().float().t())
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),  # [B*T, V]
+                                             targets.reshape(-1))
+
+
+def training_loss(model: StagFormer, x: torch.Tensor, y: torch.Tensor,
+                  opts: TrainOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, the model's next-token loss): they differ by the auxiliary loss."""
+    streams: list | None = [] if opts.aux_loss else None
+    _, loss = model(x, y, stack_outputs=streams, detach_memory=opts.detach_memory)
+    if not opts.aux_loss:
+        return loss, loss
+    return loss + opts.aux_loss * stack1_loss(model, streams[0], y), loss
 
 
 @torch.no_grad()
@@ -175,11 +236,11 @@ def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: li
                else train_tokenizer(text, tokenizer_size(cfg, overrides, vocab_size)))
         cfg = cfg.replace(vocab_size=tok.get_vocab_size())
         model = StagFormer(cfg)
-        model.reset_parameters(opts.seed)
+        model.reset_parameters(opts.seed, opts.init_depth)
         model = model.to(device).train()
         start, log, state = 0, [], None
     data = Data.build(tok, text, val_text, opts.val_fraction, opts.seq_len + 1)
-    opt = make_optimizer(model, opts)
+    opt, lr_mults = make_optimizer(model, opts)
     if state is not None:
         train_state.restore(opt, state, out)
     tokens_per_step = opts.batch_size * opts.seq_len
@@ -187,13 +248,13 @@ def train(files: list[Path], out: Path, preset_name: str = "demo", overrides: li
         task = bar.add_task("train", total=opts.steps, completed=start)
         t0, done = time.perf_counter(), 0
         for step in range(start, opts.steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, opts)
+            for group, mult in zip(opt.param_groups, lr_mults):
+                group["lr"] = lr_at(step, opts) * mult
             x, y = data.batch(data.train, np.random.default_rng([opts.seed, step]),
                               opts.batch_size, opts.seq_len)
-            _, loss = model(x.to(device), y.to(device))
+            objective, loss = training_loss(model, x.to(device), y.to(device), opts)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             opt.step()
             done += 1

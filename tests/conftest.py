@@ -34,7 +34,8 @@ BF16_CFG = preset("tiny").replace(cross_window=4, self_window=8)   # the bf16 ex
 
 
 def make_model(cfg, seed: int = 0):
-    """A reference model whose weights are far from the init (norms and nulls perturbed too)."""
+    """A reference model whose weights are far from the init (norms and nulls perturbed too;
+    cross gates, zero at init, drawn from N(0, 1) so that they matter)."""
     import torch
 
     from stagcompile.model import StagFormer
@@ -43,8 +44,9 @@ def make_model(cfg, seed: int = 0):
     model.reset_parameters(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for prm in model.parameters():
-            prm.add_(torch.randn(prm.shape, generator=gen) * 0.1)
+        for name, prm in model.named_parameters():
+            scale = 1.0 if name.endswith("gate") else 0.1
+            prm.add_(torch.randn(prm.shape, generator=gen) * scale)
     return model.eval()
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint folders: bit-exact round trips in three dtypes and one clear error per corruption."""
+"""Checkpoint folders: bit-exact round trips in three dtypes, cross gates and configs written
+before the field, and one clear error per corruption."""
 
 from __future__ import annotations
 
@@ -106,3 +107,21 @@ def test_non_finite_weights_are_named(tmp_path):
                                               r"inf\) in 2 tensor\(s\): embed.weight \(2 of "
                                               r"3,104\), norm_f.weight \(1 of 32\)"):
         checkpoint.load(path)
+
+
+def test_cross_gate_round_trip_and_configs_without_the_field(tmp_path):
+    gated = make_model(preset("tiny").replace(cross_gate=True))
+    checkpoint.save(gated, tmp_path / "gated")
+    loaded = checkpoint.load(tmp_path / "gated")
+    assert loaded.cfg.cross_gate
+    assert torch.equal(loaded.crosses[0].layers[1].gate, gated.crosses[0].layers[1].gate)
+    plain = tmp_path / "plain"
+    checkpoint.save(make_model(preset("tiny")), plain)
+    older = json.loads((plain / "config.json").read_text())
+    del older["cross_gate"]                       # as written before the field existed
+    (plain / "config.json").write_text(json.dumps(older))
+    assert checkpoint.load(plain).cfg.cross_gate is False
+    (tmp_path / "gated" / "config.json").write_text(json.dumps(older))
+    with pytest.raises(CheckpointError, match="unexpected: crosses.0.layers.0.gate, "
+                                              "crosses.0.layers.1.gate"):
+        checkpoint.load(tmp_path / "gated")

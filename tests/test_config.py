@@ -39,6 +39,8 @@ def test_small_and_base_sizes():
     ({"norm_eps": float("nan")}, "norm_eps=nan: must be a finite number"),
     ({"vocab_size": 10**12}, "vocab_size=1000000000000: must be <= 2147483647"),
     ({"max_seq_len": 2**63}, "max_seq_len=9223372036854775808: must be <= 2147483647"),
+    ({"num_stacks": 1, "cross_gate": True}, "cross_gate=true: needs num_stacks >= 2"),
+    ({"cross_gate": 1}, "cross_gate=1: expected true or false, got int"),
 ])
 def test_invalid_values_are_named(changes, message):
     with pytest.raises(ConfigError) as err:

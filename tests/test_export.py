@@ -1,6 +1,6 @@
-"""Export: every variant's graphs reproduce the reference's golden trace in ONNX Runtime (all
-three flavours), graphs and manifest are well formed, fp16 stays close, bad input is refused
-cleanly."""
+"""Export: every variant's graphs (and a cross-gated model's) reproduce the reference's golden
+trace in ONNX Runtime (all three flavours), graphs and manifest are well formed, fp16 stays close,
+bad input is refused cleanly."""
 
 from __future__ import annotations
 
@@ -75,6 +75,20 @@ def ort_worst_difference(bundle_dir, dtype: str | None = None) -> float:
 
 def test_ort_graphs_match_reference_trace(bundle_root, variant):
     path, _ = bundle_for(bundle_root, variant)
+    assert ort_worst_difference(path) < 1e-4
+
+
+GATED_CFG = preset("tiny").replace(num_stacks=3, cross_gate=True, cross_window=4, self_window=8)
+
+
+@pytest.mark.parametrize("cfg", grouped([GATED_CFG]))
+def test_gated_graphs_match_reference_trace(bundle_root, cfg):
+    """cross_gate lives in the reference's layer, so the traced graphs of every stack (the
+    middle one consumes and produces) carry it: every flavour reproduces the golden trace."""
+    path, model = bundle_for(bundle_root, cfg)
+    assert all(cl.gate.abs().item() > 0.01 for cs in model.crosses for cl in cs.layers)
+    for flavour in ("portable", "plugin"):
+        assert worst_difference(path, flavour) < 1e-4
     assert ort_worst_difference(path) < 1e-4
 
 

@@ -1,5 +1,6 @@
-"""The reference model: teacher-forced == cached decoding for every variant, staggering,
-shared-weight parameter counts, recurrent decoding, naive == cached greedy generation."""
+"""The reference model: teacher-forced == cached decoding for every variant (cross-gated ones
+too), staggering, the zero cross gate, init depth, shared-weight parameter counts, recurrent
+decoding, naive == cached greedy generation."""
 
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ def _length(cfg) -> int:
     return min(cfg.max_seq_len, max([20] + [PROMPT + 2 * w + 3 for w in windows]))
 
 
-def test_teacher_forced_equals_cached(variant):
-    model = make_model(variant)
-    t = _length(variant)
-    ids = torch.randint(0, variant.vocab_size, (2, t), generator=torch.Generator().manual_seed(3))
+GATED = [preset("tiny").replace(cross_gate=True),
+         preset("tiny").replace(num_stacks=3, cross_gate=True, cross_window=4, self_window=8),
+         preset("tiny").replace(shared_weights=True, cross_gate=True, cross_window=1)]
+
+
+def _teacher_forced_equals_cached(cfg):
+    model = make_model(cfg)
+    t = _length(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, t), generator=torch.Generator().manual_seed(3))
     ref = model(ids)
     dec = CachedDecoder(model, 2)
     got = [dec.prefill(ids[:, :PROMPT])]
@@ -33,10 +39,21 @@ def test_teacher_forced_equals_cached(variant):
     torch.testing.assert_close(torch.cat(got, 1), ref, atol=1e-5, rtol=0)
 
 
+def test_teacher_forced_equals_cached(variant):
+    _teacher_forced_equals_cached(variant)
+
+
+@pytest.mark.parametrize("cfg", GATED, ids=["P2", "P3-cw4-sw8", "P2-shared-cw1"])
+def test_gated_teacher_forced_equals_cached(cfg):
+    _teacher_forced_equals_cached(cfg)
+
+
+@pytest.mark.parametrize("cross_gate", [False, True])
 @pytest.mark.parametrize("num_stacks", [2, 3])
 @pytest.mark.parametrize("cross_window", [None, 3])
-def test_staggering(num_stacks, cross_window):
-    cfg = preset("tiny").replace(num_stacks=num_stacks, cross_window=cross_window)
+def test_staggering(num_stacks, cross_window, cross_gate):
+    cfg = preset("tiny").replace(num_stacks=num_stacks, cross_window=cross_window,
+                                 cross_gate=cross_gate)
     model = make_model(cfg)
     t, i = 12, 6
     ids = torch.randint(0, cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(1))
@@ -55,6 +72,50 @@ def test_staggering(num_stacks, cross_window):
         model(ids, perturb={k - 1: prev}, stack_outputs=outs)
         torch.testing.assert_close(outs[k][:, :i], base[k][:, :i], atol=0, rtol=0)
         assert not torch.allclose(outs[k][:, i], base[k][:, i], atol=1e-4)
+
+
+def test_zero_gate_cuts_the_memory():
+    """With every cross gate at zero (its init) a consumer stack's output does not depend on the
+    memory at all; with one gate open it does."""
+    cfg = preset("tiny").replace(num_stacks=3, cross_gate=True)
+    model = make_model(cfg)
+    gates = [cl.gate for cs in model.crosses for cl in cs.layers]
+    assert [g.shape for g in gates] == [torch.Size([1])] * 4
+    with torch.no_grad():
+        for g in gates:
+            g.zero_()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(4))
+    noise = {k: torch.randn(2, 10, cfg.d_model) for k in range(2)}
+    base: list = []
+    model(ids, stack_outputs=base)
+    outs: list = []
+    model(ids, perturb=noise, stack_outputs=outs)
+    for k in range(3):
+        torch.testing.assert_close(outs[k], base[k], atol=0, rtol=0)
+    with torch.no_grad():
+        model.crosses[1].layers[0].gate.fill_(0.5)
+    outs = []
+    model(ids, perturb=noise, stack_outputs=outs)
+    assert torch.equal(outs[1], base[1]) and not torch.allclose(outs[2], base[2], atol=1e-3)
+
+
+def test_init_depth_and_zero_gates():
+    cfg = preset("tiny").replace(num_stacks=2, layers_per_stack=2, cross_gate=True)
+    by_model, by_stack = StagFormer(cfg), StagFormer(cfg)
+    by_model.reset_parameters(0)
+    by_stack.reset_parameters(0, "stack")
+    gates = [n for n, _ in by_model.named_parameters() if n.endswith("gate")]
+    assert gates == ["crosses.0.layers.0.gate", "crosses.0.layers.1.gate"]
+    stack_params = dict(by_stack.named_parameters())
+    for name, prm in by_model.named_parameters():
+        if name.endswith(("wo.weight", "w2.weight")):   # 1/sqrt(2 * 2) instead of 1/sqrt(2 * 4)
+            torch.testing.assert_close(stack_params[name], prm * 2 ** 0.5)
+        else:
+            assert torch.equal(stack_params[name], prm), name
+        if name.endswith("gate"):
+            assert torch.equal(prm, torch.zeros(1))
+    with pytest.raises(ValueError, match="init depth 'layer'"):
+        by_model.reset_parameters(0, "layer")
 
 
 @pytest.mark.parametrize("num_stacks", [2, 3])
