@@ -111,6 +111,7 @@ def same_greedy_tokens(folder: Path, bundle_dir: Path, vocab: int, n: int = 16) 
 
     prompt = np.random.default_rng(1).integers(0, vocab, (1, 8)).astype(np.int64)
     gen = Generator.load(bundle_dir, verify=False)
+    n = min(n, gen.bundle.config["max_seq_len"] - prompt.shape[1])     # both stop at capacity
     try:
         ours = [int(t) for t in gen.generate(prompt, n)[0]]
     finally:

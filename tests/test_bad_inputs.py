@@ -243,13 +243,17 @@ def test_5_manifest_checksum_links_and_versions(bundle, tmp_path):
 
 # ---- 6. tracebacks that became one line ----------------------------------------------------------
 def test_6_run_errors(bundle):
-    def wrong_capacity(m):
-        for t in m["io"][1]["inputs"]:
-            if t["name"] == "self.k.0":
-                t["shape"][2] += 8
+    def wrong_capacity(m):              # in both I/O tables: the ort and the portable flavour's
+        for io in (m["io"][1], m["ort"]["io"][1]):
+            for t in io["inputs"]:
+                if t["name"] == "self.k.0":
+                    t["shape"][2] += 8
     rewrite(bundle, wrong_capacity)
-    refused("stack 2 graph failed on the prompt (ort backend, prefill of positions 0..1): "
-            "[ONNXRuntimeError]", "run", bundle, "--ids", "1,2", "--schedule", "sequential")
+    for flavour in ("ort", "portable"):
+        res = refused("stack 2 graph failed on the prompt (ort backend, prefill of positions "
+                      "0..1): ", "run", bundle, "--ids", "1,2", "--schedule", "sequential",
+                      "--flavour", flavour)
+        assert "invalid dimensions for input: self.k.0" in res.stderr, res.stderr
     refused("--ids: token id 99999999999999999999 is out of range", "run", bundle, "--ids",
             "1,99999999999999999999")
 

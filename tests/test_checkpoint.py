@@ -105,7 +105,7 @@ def test_non_finite_weights_are_named(tmp_path):
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model.safetensors: non-finite weights \(NaN or "
                                               r"inf\) in 2 tensor\(s\): embed.weight \(2 of "
-                                              r"3,104\), norm_f.weight \(1 of 32\)"):
+                                              r"6,208\), norm_f.weight \(1 of 64\)"):
         checkpoint.load(path)
 
 
