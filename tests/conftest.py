@@ -26,7 +26,7 @@ def variant_matrix():
 
 def variant_id(cfg) -> str:
     return (f"P{cfg.num_stacks}-{'shared' if cfg.shared_weights else 'sep'}"
-            f"-cw{cfg.cross_window}-sw{cfg.self_window}")
+            f"-cw{cfg.cross_window}-sw{cfg.self_window}{'-gate' if cfg.cross_gate else ''}")
 
 
 VARIANTS = variant_matrix()

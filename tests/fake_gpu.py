@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import json
 import shutil
 import threading
 import types
@@ -352,7 +351,7 @@ def fake_engine_bundle(exported: Path, dest: Path, profiles: list[dict],
         files = files + [meta["commit_kernel"]["file"]]
     bundle.manifest["engines"] = meta
     bundle.manifest["files"].update({f: sha256(dest / f) for f in files})
-    (dest / "manifest.json").write_text(json.dumps(bundle.manifest, indent=2))
+    bundle.write_manifest()
     return Bundle.load(dest)
 
 

@@ -30,10 +30,10 @@ def test_validate_passes_then_names_a_perturbed_weight(bundle_root, tmp_path, cf
     report = validate_bundle(bundle, show_progress=False)
     assert report.passed
     backends = {c.backend for c in report.checks}
-    assert backends == {"ort-portable", "ort-plugin"}
-    assert len(report.checks) == 2 * cfg.num_stacks
+    assert backends == {"ort", "ort-portable", "ort-plugin"}
+    assert len(report.checks) == 3 * cfg.num_stacks
     assert {(t["backend"], t["schedule"]) for t in report.tokens} == {
-        ("ort", "staggered"), ("ort", "sequential")}
+        (f"ort ({f})", s) for f in ("ort", "portable") for s in ("staggered", "sequential")}
     assert "trt" in report.skipped
     saved = json.loads((bundle / "validation" / "report.json").read_text())
     assert saved["passed"] is True
@@ -110,7 +110,7 @@ def test_validate_plugin_only_bundle_skips_the_runtime_token_check(bundle_root):
     report = validate_bundle(path, show_progress=False)
     assert report.passed, [c.failure for c in report.checks]
     assert {c.backend for c in report.checks} == {"ort-plugin"} and not report.tokens
-    assert "portable graphs" in report.skipped["greedy tokens (ort)"]
+    assert "portable graphs" in report.skipped["greedy tokens (ort, portable)"]
 
 
 def test_validate_runs_each_trt_step_on_the_profile_that_holds_it(bundle_root, tmp_path,
