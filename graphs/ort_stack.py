@@ -257,7 +257,9 @@ class OrtStackGraph:
         cfg, b, w = self.cfg, self.b, self.w
         c = f"crosses.{self.k}"
         kv_dim = cfg.n_kv_heads * cfg.head_dim
-        batch = b.op("Shape", [b.values["pos"]])
+        null_shape = b.op("Concat", [b.op("Shape", [b.values["pos"]]),
+                                     b.const("const.null_shape", np.array([1, kv_dim], np.int64))],
+                          {"axis": 0})                                       # [3] = B, 1, Hkv*D
         split = b.const("const.split_kv", np.array([kv_dim, kv_dim], np.int64))
         null = w[f"{c}.null"].astype(np.float32)
         for l in range(cfg.layers_per_stack):
@@ -268,9 +270,7 @@ class OrtStackGraph:
             b.output(vv, f"cross_out.v.{l}")
             for kv, name in (("k", "wk"), ("v", "wv")):
                 entry = (null @ _t(w[f"{a}.{name}.weight"]).astype(np.float32))[None, None]  # [1, 1, Hkv*D]
-                shape = b.op("Concat", [batch, b.const("const.null_shape", np.array([1, kv_dim], np.int64))],
-                             {"axis": 0})
-                b.output(b.op("Expand", [b.weight(f"{a}.null_{kv}", entry), shape]),
+                b.output(b.op("Expand", [b.weight(f"{a}.null_{kv}", entry), null_shape]),
                          f"cross_null.{kv}.{l}")
 
     def _logits(self, h) -> None:

@@ -135,7 +135,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
     if max_seq_len is not None:
         model.cfg = model.cfg.replace(max_seq_len=max_seq_len)
     cfg, flavours, dt = model.cfg, FLAVOUR_CHOICES[flavour], DTYPES[dtype]
-    ort_skipped = ort_unsupported(cfg, dt)
+    ort_skipped = ort_unsupported(cfg, dt) if "ort" in flavours else None
     if ort_skipped and flavour == "ort":
         raise StagError(f"--flavour ort: {ort_skipped}")
     if ort_skipped:
@@ -148,7 +148,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
             progress(show_progress) as bar:
         task = bar.add_task("export", total=cfg.num_stacks * len(flavours) + 2)
         ios, ort_ios = [], []
-        weights = {n: t.detach().float().numpy() for n, t in model.state_dict().items()}
+        weights = ({n: t.detach().float().numpy() for n, t in model.state_dict().items()}
+                   if "ort" in flavours else None)
         for k in range(cfg.num_stacks):
             io = stack_io(cfg, k, dt)
             ios.append(io)
@@ -174,7 +175,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
                 graphs[fl].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
                                    "bytes": sum(f.stat().st_size for f in written)})
                 bar.advance(task)
-        if ort_skipped and flavour == "all":
+        if ort_skipped:
             bar.console.print(f"note: no ort graphs: {ort_skipped}", highlight=False)
         bar.update(task, description="golden trace (PyTorch reference)")
         prompt_len = max(2, min(8, cfg.max_seq_len // 4))
@@ -211,8 +212,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
                           "self_window": cfg.self_window or 0,
                           "cross_window": cfg.cross_window or 0, "scale": cfg.head_dim ** -0.5},
             "weights": _shared_weights(model),
-            "ort": (ort_manifest(cfg, ort_ios) if ort_ios else {"skipped": ort_skipped}
-                    if ort_skipped and "ort" in FLAVOUR_CHOICES[flavour] else None),
+            "ort": (ort_manifest(cfg, ort_ios) if ort_ios
+                    else {"skipped": ort_skipped} if ort_skipped else None),
             "validation": {"trace": "validation/trace.npz", "batch": golden_batch,
                            "prompt_len": prompt_len, "steps": steps},
             "tokenizer": "tokenizer.json" if tok is not None else None,

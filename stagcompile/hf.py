@@ -155,8 +155,7 @@ def _rename(tensors: dict, cfg: StagConfig, source: Path) -> dict:
                       f"{' ...' if len(missing) > 6 else ''}")
     used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     used |= {f"model.layers.{l}.{n}" for l in range(cfg.layers_per_stack) for n in PER_LAYER}
-    unused = sorted(set(tensors) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
+    unused = sorted(n for n in set(tensors) - used if not n.endswith("rotary_emb.inv_freq"))
     if unused:
         raise HfError(f"{source}: tensors this block has no place for: {', '.join(unused[:6])}")
     return out
@@ -196,11 +195,11 @@ def import_hf(folder: Path, out: Path, restack: int | None = None, force: bool =
 
     from stagcompile import checkpoint
     from stagcompile.model import StagFormer
+    from stagcompile.atomic import check_target
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise HfError(f"{folder}: not a folder (expected a Hugging Face model folder)")
-    if out.exists() and not force:
-        raise HfError(f"{out}: already exists; pass --force to replace it")
+    check_target(out, force, "checkpoint", [folder])
     cfg = hf_config(_read_config(folder), folder / "config.json")
     state = _rename(_read_tensors(folder), cfg, folder / "model.safetensors")
     dtypes = {t.dtype for t in state.values()}
@@ -215,7 +214,8 @@ def import_hf(folder: Path, out: Path, restack: int | None = None, force: bool =
     if restack:
         model = restacked(model, restack)
     tok = folder / TOKENIZER_FILE
-    return checkpoint.save(model.eval(), out, dtype=dtype, tokenizer=tok if tok.is_file() else None)
+    return checkpoint.save(model.eval(), out, dtype=dtype, tokenizer=tok if tok.is_file() else None,
+                           force=force, sources=[folder])
 
 
 def export_hf(model, out: Path) -> Path:

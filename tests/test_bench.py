@@ -49,6 +49,7 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert cell["ideal_step_ms"] > 0
     if peer:       # same weights: ONNX Runtime GenAI's greedy tokens are ours
         assert res["meta"]["peer_tokens"]["match"], res["meta"]["peer_tokens"]
+        assert len(res["meta"]["peer_tokens"]["ours"]) >= 4     # not an empty comparison
     schedules = {(s["schedule"], s["threads_per_stack"]) for s in res["scaling"]}
     assert ("sequential", 1) in schedules and ("staggered", 1) in schedules
     assert png.stat().st_size > 1000

@@ -112,6 +112,11 @@ def test_cli_import_hf_and_errors(tmp_path):
     res = runner.invoke(app, ["import-hf", str(folder), "-o", str(tmp_path / "c3"),
                               "--restack", "3"])
     assert res.exit_code == 1 and "--restack 3: must be >= 2 and divide the 4 layers" in res.output
+    res = runner.invoke(app, ["import-hf", str(folder), "-o", str(tmp_path / "ck")])
+    assert res.exit_code == 1 and "already exists; pass --force" in res.output
+    res = runner.invoke(app, ["import-hf", str(folder), "-o", str(folder), "--force"])
+    assert res.exit_code == 1 and "is the input" in res.output
+    assert (folder / "model.safetensors").is_file()     # the Hugging Face folder is untouched
 
 
 def test_restack_starts_cross_attention_as_a_no_op(tmp_path):

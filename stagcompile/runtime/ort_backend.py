@@ -106,21 +106,17 @@ class OrtBackend:
         the other outputs, allocated by ONNX Runtime."""
         io = self.sessions[k].io_binding()
         for name, arr in feeds.items():
-            arr = np.ascontiguousarray(arr)
-            io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+            io.bind_cpu_input(name, arr)
         aliased = self.state.aliased(k)
-        names = []
-        for t in self.ios[k]["outputs"]:
-            if t["name"] in aliased:
-                arr = aliased[t["name"]]
-                io.bind_output(t["name"], "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
+        names = [t["name"] for t in self.ios[k]["outputs"]]
+        for name in names:
+            if name in aliased:
+                arr = aliased[name]
+                io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
             else:
-                io.bind_output(t["name"], "cpu")
-                names.append(t["name"])
+                io.bind_output(name, "cpu")
         self.sessions[k].run_with_iobinding(io)
-        values = io.get_outputs()
-        return {n: values[i].numpy() for i, n in enumerate(
-            t["name"] for t in self.ios[k]["outputs"]) if n in names}
+        return {n: v.numpy() for n, v in zip(names, io.get_outputs()) if n not in aliased}
 
     def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
         st = self.state
