@@ -228,6 +228,21 @@ def serve(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
 @app.command()
 @stage
+def triton(bundle: Path = typer.Argument(..., help="Bundle folder."),
+           output: Path = typer.Option(..., "--output", "-o", help="Model repository to write."),
+           model_name: str = typer.Option("stagformer", help="Model name in the repository."),
+           max_batch: Optional[int] = typer.Option(None, help="Rows decoded together (default: "
+                                                   "the bundle's max_batch)."),
+           schedule: Schedule = typer.Option(Schedule.staggered, help="staggered or sequential."),
+           force: bool = typer.Option(False, help="Replace an existing (empty) folder.")):
+    """Write a Triton Inference Server model repository (Python backend, decoupled streaming)."""
+    from stagcompile.triton_repo import write_repository
+    out = write_repository(bundle, output, model_name, max_batch, schedule.value, force)
+    console.print(f"wrote {out} (tritonserver --model-repository {out})")
+
+
+@app.command()
+@stage
 def build(bundle: Path = typer.Argument(..., help="Bundle folder (from export or compile)."),
           precision: str = typer.Option("graph", help="graph: the exported dtype (strongly typed); "
                                         "fp16/bf16 from an fp32 graph only on TensorRT 10.x."),
