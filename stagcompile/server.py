@@ -147,12 +147,15 @@ class Engine:
                     if await http.is_disconnected():
                         return
                     continue
-                if token is None:
-                    yield text.flush(), req.finish_reason
-                    return
-                delta = text.add(token)
+                tokens = [token]
+                while tokens[-1] is not None and not queue.empty():   # coalesce a backlog
+                    tokens.append(queue.get_nowait())
+                delta = "".join(text.add(t) for t in tokens if t is not None)
                 if text.stopped:
                     yield delta, "stop"
+                    return
+                if tokens[-1] is None:
+                    yield delta + text.flush(), req.finish_reason
                     return
                 if delta:
                     yield delta, None
@@ -173,6 +176,8 @@ class Detokenizer:
         self.hold = max((len(s) for s in stops), default=1) - 1
 
     def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
         if token not in self.stop_ids:
             self.ids.append(token)
         text = self.gen.decode(self.ids)

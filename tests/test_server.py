@@ -6,7 +6,6 @@ error and the server keeps serving, a client that disconnects mid-stream frees i
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ httpx = pytest.importorskip("httpx", reason="the serve extra is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
+from conftest import free_ports  # noqa: E402
 from stagcompile.demo import DEMO_DIR  # noqa: E402
 from stagcompile.runtime import Generator, Sampling  # noqa: E402
 
@@ -32,17 +32,11 @@ def demo_bundle(tmp_path_factory):
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_bundle):
     from stagcompile.server import Engine, create_app
     engine = Engine(demo_bundle, max_batch=4, model_name="demo")
-    port = free_port()
+    port, = free_ports()
     srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_ports
 from stagcompile.demo import DEMO_DIR
 from stagcompile.errors import StagError
 from stagcompile.runtime import Generator
@@ -33,16 +33,6 @@ def demo_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "demo"
     export_bundle(DEMO_DIR, out, "ort", "fp32", show_progress=False)
     return out
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def server_dir(tmp: Path) -> tuple[Path, dict]:
