@@ -66,7 +66,7 @@ def test_inflight_tokens_equal_running_each_request_alone(bundle_root, cfg, flav
 
 
 @pytest.mark.parametrize("flavour", ["ort"])
-def test_cancel_frees_the_row_and_others_are_unaffected(bundle_root, flavour):
+def test_cancelled_and_failing_requests_leave_others_unaffected(bundle_root, flavour):
     cfg = VARIANTS[-1]
     path, _ = bundle_for(bundle_root, cfg)
     reqs = requests(cfg, seed=1)[:3]
@@ -79,8 +79,24 @@ def test_cancel_frees_the_row_and_others_are_unaffected(bundle_root, flavour):
     for _ in range(3):
         batcher.step()
     batcher.cancel(victim)
+
+    def broken(req, token):
+        raise ConnectionError("client gone")
+
+    failing = batcher.submit(Request([4, 5], 9, on_token=broken))
+    original = batcher.scheduler.run_prefill
+
+    def prefill(chunk, pos, rows):
+        if chunk.shape[1] == 1 and chunk[0, 0] == 7:
+            raise RuntimeError("stack 1 graph failed (test)")
+        return original(chunk, pos, rows)
+
+    batcher.scheduler.run_prefill = prefill
+    crashed = batcher.submit(Request([7], 5))
     batcher.run_until_idle()
+    assert crashed.finish_reason == "error" and "stack 1 graph failed" in crashed.error
     assert victim.finish_reason == "cancelled" and victim.done.is_set()
+    assert failing.finish_reason == "error" and "client gone" in failing.error
     assert [r.tokens for r in reqs] == want
     gen.close()
 

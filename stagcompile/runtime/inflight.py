@@ -27,7 +27,8 @@ mixes rows, and every request has its own seeded sampler: the tokens are those o
 request alone.
 
 Callbacks (`on_token(request, token)`, `on_finish(request)`) run on the batcher's thread and must
-be quick (the HTTP server hands them to its event loop).
+be quick (the HTTP server hands them to its event loop); one that raises finishes its own request
+with "error" and leaves the others alone.
 """
 
 from __future__ import annotations
@@ -145,18 +146,24 @@ class Batcher:
         decoding = [r for r in self.rows if r is not None and r not in self.prefilling]
         if not self.prefilling and not decoding:
             return False
-        try:
-            if self.prefilling:
-                self.prefill(self.prefilling[0])
-            decoding = [r for r in self.rows if r is not None and r not in self.prefilling]
-            if decoding:
-                self.decode(decoding)
-        except Exception as exc:        # one failed step fails the requests in it, not the batcher
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            for req in [r for r in self.rows if r is not None]:
-                req.error = message
-                self.finish(req, "error")
+        if self.prefilling:
+            req = self.prefilling[0]
+            self.guarded(self.prefill, [req], req)
+        decoding = [r for r in self.rows if r is not None and r not in self.prefilling]
+        if decoding:
+            self.guarded(self.decode, decoding, decoding)
         return True
+
+    def guarded(self, run, requests: list[Request], *args) -> None:
+        """A failed prefill or step fails the requests in it, not the batcher."""
+        try:
+            run(*args)
+        except Exception as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            for req in requests:
+                if req.finish_reason is None:
+                    req.error = message
+                    self.finish(req, "error")
 
     def prefill(self, req: Request) -> None:
         chunk = req.ids[req.pos:req.pos + self.prefill_chunk]
@@ -193,9 +200,9 @@ class Batcher:
         token = int(req.sampler(logits)[0])
         req.tokens.append(token)
         self.tokens_total += 1
-        if req.on_token is not None:
-            req.on_token(req, token)
-        if token in req.stop_ids:
+        if not self.notify(req, req.on_token, token):
+            self.finish(req, "error")
+        elif token in req.stop_ids:
             self.finish(req, "stop")
         elif len(req.tokens) >= req.max_new_tokens or (self.limited
                                                        and req.pos >= self.max_seq_len):
@@ -210,8 +217,19 @@ class Batcher:
             self.joining.remove(req)
         req.finish_reason = reason
         req.done.set()
-        if req.on_finish is not None:
-            req.on_finish(req)
+        self.notify(req, req.on_finish)
+
+    @staticmethod
+    def notify(req: Request, callback, *args) -> bool:
+        """Call one of `req`'s callbacks; a callback that fails fails its request only."""
+        if callback is None:
+            return True
+        try:
+            callback(req, *args)
+            return True
+        except Exception as exc:
+            req.error = f"{getattr(callback, '__name__', 'callback')} failed: {exc}"
+            return False
 
     # ---- driving -------------------------------------------------------------------------------
     def run_until_idle(self) -> None:
