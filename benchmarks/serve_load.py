@@ -1,7 +1,7 @@
 """Bounded localhost load test of `stagcompile serve`: 1, 8 and 32 concurrent streaming clients.
 
     python benchmarks/serve_load.py [BUNDLE] [--clients 1 8 32] [--requests 8] [--max-tokens 64]
-                                    [--max-batch 32] [--duration 300]
+                                    [--max-batch 32] [--duration 300] [--no-http]
 
 Without BUNDLE it exports the shipped demo checkpoint (ort flavour, max batch 32) to a temporary
 folder. It starts `stagcompile serve` as a child process on a free localhost port, asks for each
@@ -14,6 +14,10 @@ Checks (exit 1 if any fails): every request ends with a finish_reason and `data:
 streamed text equals its prompt's reference text (greedy decoding: nothing lost, nothing mixed
 between requests). Reports per level: total completion tokens/s over the level's wall time, its
 ratio to one client's, request latency p50/p99 and time to first token p50/p99.
+
+`--no-http` runs the same pattern on the in-flight `Batcher` in this process (no server, no HTTP:
+each client's next request is submitted when its previous one finishes) and reports tokens/s:
+how far the engine itself scales with the batch on this machine.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--duration", type=float, default=300.0, help="deadline per level, seconds")
+    ap.add_argument("--no-http", action="store_true", help="drive the Batcher directly")
     a = ap.parse_args()
     print(f"$ python benchmarks/serve_load.py " + shlex.join(sys.argv[1:]), flush=True)
     return a
@@ -131,12 +136,48 @@ def main() -> int:
             bundle = Path(tmp) / "demo"
             export_bundle(DEMO_DIR, bundle, "ort", "fp32", max_batch=a.max_batch,
                           show_progress=False)
+        if a.no_http:
+            return engine_only(a, bundle)
         proc, base = start_server(bundle, a.max_batch)
         try:
             return report(a, base)
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def engine_only(a, bundle: Path) -> int:
+    sys.path.insert(0, str(ROOT))
+    from stagcompile.runtime import Generator
+    from stagcompile.runtime.inflight import Batcher, Request
+    gen = Generator.load(bundle)
+    batcher = Batcher(gen, a.max_batch)
+    ids = [gen.encode([p])[0] for p in PROMPTS]
+    print(f"\nBatcher only, {a.requests} requests per client, {a.max_tokens} max tokens, greedy\n")
+    print("| clients | requests | tokens | wall s | tokens/s | x one client |")
+    print("|---|---|---|---|---|---|")
+    single = None
+    for clients in a.clients:
+        done: list = []
+
+        def submit(c: int, i: int) -> None:
+            def chain(req):
+                done.append(req)
+                if i + 1 < a.requests:
+                    submit(c, i + 1)
+            batcher.submit(Request(ids[(c + i) % len(ids)], a.max_tokens, on_finish=chain))
+
+        t0 = time.perf_counter()
+        for c in range(clients):
+            submit(c, 0)
+        batcher.run_until_idle()
+        wall = time.perf_counter() - t0
+        tokens = sum(len(r.tokens) for r in done)
+        single = single or tokens / wall
+        print(f"| {clients} | {len(done)} | {tokens} | {wall:.2f} | {tokens / wall:.1f} | "
+              f"{tokens / wall / single:.2f} |", flush=True)
+    gen.close()
+    return 0
 
 
 def report(a, base: str) -> int:

@@ -57,7 +57,7 @@ class Request:
     finish_reason: str | None = None
     error: str = ""
     submitted: float = 0.0
-    first_token_at: float = 0.0
+    sampler: Sampler | None = None
     row: int = -1
     pos: int = 0
     cancelled: bool = False
@@ -194,9 +194,8 @@ class Batcher:
 
     def emit(self, req: Request, logits: np.ndarray) -> None:
         """Sample `req`'s next token from its logits [1, V]; finish it when it should stop."""
-        if not req.tokens:
+        if req.sampler is None:
             req.sampler = Sampler(req.sampling)
-            req.first_token_at = time.perf_counter()
         token = int(req.sampler(logits)[0])
         req.tokens.append(token)
         self.tokens_total += 1
