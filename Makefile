@@ -6,7 +6,7 @@ SC := $(VENV)/bin/stagcompile
 STAMP := $(VENV)/.installed
 # The CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
-EXTRAS ?= export,plugin,trt-rtx,test,plot,peer
+EXTRAS ?= export,plugin,trt-rtx,test,plot,peer,serve,triton
 PYTEST_ARGS ?= -q -n 2 --dist loadgroup
 
 .PHONY: setup test demo clean

@@ -201,6 +201,48 @@ def run(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
 @app.command()
 @stage
+def serve(bundle: Path = typer.Argument(..., help="Bundle folder."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="TCP port."),
+          max_batch: Optional[int] = typer.Option(None, help="Rows decoded together (default: "
+                                                  "the bundle's max_batch)."),
+          schedule: Schedule = typer.Option(Schedule.staggered, help="staggered or sequential."),
+          flavour: Optional[str] = typer.Option(None, help="Graphs to run: ort, portable or "
+                                                "plugin (default: ort when the bundle has them)."),
+          model_name: Optional[str] = typer.Option(None, help="Model id in the API (default: "
+                                                   "the bundle folder's name).")):
+    """Serve a bundle over OpenAI-compatible HTTP with in-flight batching (Ctrl-C stops)."""
+    from stagcompile.errors import StagError
+    try:
+        from stagcompile.server import serve as run_server
+    except ImportError as exc:
+        raise StagError(f"serve needs the serve extra ({exc.name} is missing): "
+                        "pip install 'stagcompile[serve]'") from None
+    if not 0 < port < 65536:
+        raise StagError(f"--port {port}: must be in 1..65535")
+    try:
+        run_server(bundle, host, port, max_batch, schedule.value, flavour, model_name)
+    except ValueError as exc:
+        raise StagError(str(exc)) from None
+
+
+@app.command()
+@stage
+def triton(bundle: Path = typer.Argument(..., help="Bundle folder."),
+           output: Path = typer.Option(..., "--output", "-o", help="Model repository to write."),
+           model_name: str = typer.Option("stagformer", help="Model name in the repository."),
+           max_batch: Optional[int] = typer.Option(None, help="Rows decoded together (default: "
+                                                   "the bundle's max_batch)."),
+           schedule: Schedule = typer.Option(Schedule.staggered, help="staggered or sequential."),
+           force: bool = typer.Option(False, help="Replace an existing (empty) folder.")):
+    """Write a Triton Inference Server model repository (Python backend, decoupled streaming)."""
+    from stagcompile.triton_repo import write_repository
+    out = write_repository(bundle, output, model_name, max_batch, schedule.value, force)
+    console.print(f"wrote {out} (tritonserver --model-repository {out})")
+
+
+@app.command()
+@stage
 def build(bundle: Path = typer.Argument(..., help="Bundle folder (from export or compile)."),
           precision: str = typer.Option("graph", help="graph: the exported dtype (strongly typed); "
                                         "fp16/bf16 from an fp32 graph only on TensorRT 10.x."),

@@ -107,7 +107,7 @@ def main() -> None:
             full = backend.sessions[k]
             times = {"full": [], "weights": []}
             for _ in range(max(1, args.runs // 20)):     # interleaved rounds of 20 runs
-                for key, run in (("full", lambda: full.run_with_iobinding(backend.bindings[k][0])),
+                for key, run in (("full", lambda: full.run_with_iobinding(backend.binding(k, 0))),
                                  ("weights", lambda: mm.run(None, feeds))):
                     t0 = time.perf_counter()
                     for _ in range(20):

@@ -27,9 +27,9 @@ def instrument(backend, timings: dict) -> None:
 
     def launch(k: int, parity: int) -> None:
         t0 = time.perf_counter()
-        backend.sessions[k].run_with_iobinding(backend.bindings[k][parity])
+        backend.sessions[k].run_with_iobinding(backend.binding(k, parity))
         t1 = time.perf_counter()
-        backend.state.commit(k, parity)
+        backend.state.commit(k, parity, backend.rows)
         t2 = time.perf_counter()
         timings[f"stack {k + 1} run"].append(t1 - t0)
         timings[f"stack {k + 1} commit"].append(t2 - t1)

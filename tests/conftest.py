@@ -93,3 +93,15 @@ def extra_requirement(extra: str, name: str):
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     reqs = [Requirement(r) for r in project["project"]["optional-dependencies"][extra]]
     return next(r for r in reqs if r.name == name)
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct TCP ports free on localhost right now (for servers the tests start)."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

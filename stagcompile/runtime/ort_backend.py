@@ -6,7 +6,10 @@ in place by the graphs), `portable` (standard operators, ring caches the runtime
 
 CPU (default): every buffer is host memory from `HostState`; each stack gets two IOBindings (one
 per step parity) bound once per session, so a decode step only writes the token and position in
-place and calls `run_with_iobinding`: no allocation, no rebinding. ONNX Runtime releases the GIL
+place and calls `run_with_iobinding`: no allocation, no rebinding. In-flight batching runs a step
+on the first n rows of the session's buffers (`set_step` with n tokens): the bindings of each n
+are made the first time it is used and kept. `prefill(ids, pos, rows)` runs one row's chunk on
+that row's views of the caches. ONNX Runtime releases the GIL
 while it runs, so the staggered schedule's worker threads really overlap.
 
 Threading: `threads` intra-op threads per session (1 by default for the staggered schedule), one
@@ -49,6 +52,7 @@ def default_flavour(bundle: Bundle) -> str:
 class OrtBackend:
     name = "ort"
     concurrency = "threads"
+    inflight = True             # rows at their own positions, prefill of one row (inflight.py)
 
     def __init__(self, bundle: Bundle, threads: int | list[int] = 1, spinning: bool = False,
                  flavour: str | None = None):
@@ -81,33 +85,42 @@ class OrtBackend:
             except Exception as exc:    # onnxruntime raises its own exception types
                 raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
         self.state: HostState | None = None
-        self.bindings: list[list] = []
+        self.bindings: dict[tuple[int, int, int], object] = {}
+        self.rows = 0
 
     def open(self, batch: int) -> None:
         """Allocate and bind every decode buffer for `batch` rows (once per batch size)."""
+        self.rows = batch
         if self.state is not None and self.state.batch == batch:
             self.state.rings.reset()
             return
         self.state = HostState(self.ios, batch)
-        self.bindings = [[self.bind(sess, k, parity) for parity in (0, 1)]
-                         for k, sess in enumerate(self.sessions)]
+        self.bindings = {}
+
+    def binding(self, k: int, parity: int):
+        """Stack k's IOBinding for steps of `parity` on the first `self.rows` rows (made once per
+        session and row count)."""
+        key = (self.rows, k, parity)
+        if key not in self.bindings:
+            self.bindings[key] = self.bind(self.sessions[k], k, parity)
+        return self.bindings[key]
 
     def bind(self, sess, k: int, parity: int):
         """An IOBinding of `sess` (stack k's graph) over the step buffers of `parity`."""
         io = sess.io_binding()
-        for name, arr in self.state.feeds(k, parity).items():
+        for name, arr in self.state.feeds(k, parity, self.rows).items():
             io.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-        for name, arr in self.state.fetches(k, parity).items():
+        for name, arr in self.state.fetches(k, parity, self.rows).items():
             io.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         return io
 
-    def run_bound(self, k: int, feeds: dict) -> dict[str, np.ndarray]:
+    def run_bound(self, k: int, feeds: dict, rows: slice = slice(None)) -> dict[str, np.ndarray]:
         """Run stack k on `feeds` with its cache outputs written in place (ort flavour); returns
         the other outputs, allocated by ONNX Runtime."""
         io = self.sessions[k].io_binding()
         for name, arr in feeds.items():
             io.bind_cpu_input(name, arr)
-        aliased = self.state.aliased(k)
+        aliased = self.state.aliased(k, rows)
         names = [t["name"] for t in self.ios[k]["outputs"]]
         for name in names:
             if name in aliased:
@@ -118,30 +131,37 @@ class OrtBackend:
         self.sessions[k].run_with_iobinding(io)
         return {n: v.numpy() for n, v in zip(names, io.get_outputs()) if n not in aliased}
 
-    def prefill(self, ids: np.ndarray, pos: int) -> np.ndarray:
+    def prefill(self, ids: np.ndarray, pos: int, rows: slice | None = None) -> np.ndarray:
+        """A prompt chunk [R, S] at `pos` -> logits [R, V]. Without `rows` the chunk is the whole
+        batch's and its last cross entries go to the next decode step (parity of pos + S);
+        with `rows` they stay carried until `state.handoff`."""
         st = self.state
         produced, done = None, []
         for k in range(len(self.sessions)):
-            feeds = st.prefill_feeds(k, ids, pos, produced)
-            produced = self.run_bound(k, feeds)
+            feeds = st.prefill_feeds(k, ids, pos, produced, rows or slice(None))
+            produced = self.run_bound(k, feeds, rows or slice(None))
             done.append((feeds, produced))
-        for k, (feeds, outputs) in enumerate(done):   # after every stack read pending[pos % 2]
-            st.prefill_commit(k, feeds, outputs, pos)
+        for k, (feeds, outputs) in enumerate(done):   # after every stack read its carried entry
+            st.prefill_commit(k, feeds, outputs, pos, rows or slice(None))
+        if rows is None:
+            st.handoff(slice(None), (pos + ids.shape[1]) % 2)
         return produced["logits"][:, -1]
 
-    def set_step(self, tokens: np.ndarray, pos: int) -> None:
+    def set_step(self, tokens: np.ndarray, pos) -> None:
+        """Tokens [n] of rows 0..n-1 at `pos` (one position, or one per row)."""
+        self.rows = len(tokens)
         self.state.set_step(tokens, pos)
 
     def launch(self, k: int, parity: int) -> None:
         """Run stack k's decode step on the bound buffers, then commit its entries."""
-        self.sessions[k].run_with_iobinding(self.bindings[k][parity])
-        self.state.commit(k, parity)
+        self.sessions[k].run_with_iobinding(self.binding(k, parity))
+        self.state.commit(k, parity, self.rows)
 
     def finish(self) -> np.ndarray:
-        return self.state.logits
+        return self.state.logits(self.rows)
 
     def sync(self) -> None:
         """Runs are synchronous on the CPU: nothing to wait for."""
 
     def close(self) -> None:
-        self.bindings, self.state = [], None
+        self.bindings, self.state = {}, None

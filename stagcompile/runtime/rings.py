@@ -31,9 +31,13 @@ def shape_of(info: dict, batch: int, seq: int) -> tuple[int, ...]:
     return tuple(sizes.get(d, d) for d in info["shape"])
 
 
-def commit(ring: np.ndarray, new: np.ndarray, pos: int) -> None:
-    """ring [B, H, C, D] <- new [B, H, S, D] for positions pos .. pos+S-1 (slot p mod C)."""
+def commit(ring: np.ndarray, new: np.ndarray, pos) -> None:
+    """ring [B, H, C, D] <- new [B, H, S, D] for positions pos .. pos+S-1 (slot p mod C); a
+    decode step (S = 1) may give every row its own position, pos [B]."""
     c, s = ring.shape[2], new.shape[2]
+    if s == 1 and np.ndim(pos):
+        ring[np.arange(len(pos)), :, pos % c] = new[:, :, 0]      # [B, H, D] at (row, slot)
+        return
     if s == 1:
         ring[:, :, pos % c] = new[:, :, 0]
         return
@@ -67,9 +71,11 @@ class Rings:
             for r in rings.values():
                 r.fill(0)
 
-    def commit_stack(self, stack: int, outputs: dict, inputs: dict, pos: int) -> None:
-        """Commit 0-based `stack`'s new self entries and the cross entries it consumed."""
-        rings = self.rings[stack]
+    def commit_stack(self, stack: int, outputs: dict, inputs: dict, pos,
+                     rows: slice = slice(None)) -> None:
+        """Commit 0-based `stack`'s new self entries and the cross entries it consumed (of
+        `rows`, at `pos`: one position, or one per row)."""
+        rings = {name: ring[rows] for name, ring in self.rings[stack].items()}
         for src, dst in self.self_pairs[stack]:
             commit(rings[dst], outputs[src], pos)
         for src, dst in self.cross_pairs[stack]:

@@ -125,6 +125,7 @@ class Scheduler:
         if schedule == "staggered" and backend.concurrency == "threads" and self.num_stacks > 1:
             self.pool = StackPool(self.launch, self.num_stacks)
         self.pos = 0
+        self.at = ""
 
     def room(self, n: int = 1) -> bool:
         return self.unbounded_length or self.pos + n <= self.max_seq_len
@@ -147,18 +148,23 @@ class Scheduler:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = np.ascontiguousarray(ids[:, start:start + self.prefill_chunk])
-            try:
-                logits = self.backend.prefill(chunk, self.pos)
-            except (BundleError, CapacityError):
-                raise
-            except Exception as exc:
-                k = _stack_in(exc, self.backend)
-                where = "the stack graphs" if k is None else f"stack {k + 1} graph"
-                raise _failed(f"{where} failed on the prompt ({self.backend.name} backend, prefill "
-                              f"of positions {self.pos}..{self.pos + chunk.shape[1] - 1})", exc) \
-                    from exc
+            logits = self.run_prefill(chunk, self.pos)
             self.pos += chunk.shape[1]
         return logits
+
+    def run_prefill(self, chunk: np.ndarray, pos: int, rows: slice | None = None) -> np.ndarray:
+        """One prompt chunk [R, S] at `pos` (of the batch, or of `rows`) -> logits [R, V]."""
+        try:
+            if rows is None:
+                return self.backend.prefill(chunk, pos)
+            return self.backend.prefill(chunk, pos, rows)
+        except (BundleError, CapacityError):
+            raise
+        except Exception as exc:
+            k = _stack_in(exc, self.backend)
+            where = "the stack graphs" if k is None else f"stack {k + 1} graph"
+            raise _failed(f"{where} failed on the prompt ({self.backend.name} backend, prefill "
+                          f"of positions {pos}..{pos + chunk.shape[1] - 1})", exc) from exc
 
     def launch(self, k: int, parity: int) -> None:
         """Stack k's decode step on the backend; its errors name the stack."""
@@ -168,21 +174,28 @@ class Scheduler:
             raise
         except Exception as exc:
             raise _failed(f"stack {k + 1} graph failed ({self.backend.name} backend, decode step "
-                          f"at position {self.pos})", exc) from exc
+                          f"{self.at})", exc) from exc
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens [B] at position self.pos -> logits [B, V]."""
         if not self.room():
             raise CapacityError(f"the cache is full at {self.pos} tokens (max_seq_len="
                                 f"{self.max_seq_len}, unbounded attention)")
-        parity = self.pos % 2
-        self.backend.set_step(tokens, self.pos)
+        logits = self.run_step(tokens, self.pos, self.pos % 2)
+        self.pos += 1
+        return logits
+
+    def run_step(self, tokens: np.ndarray, pos, parity: int) -> np.ndarray:
+        """One decode step of every stack under the schedule: tokens [n] of rows 0..n-1 at `pos`
+        (one position, or one per row) -> logits [n, V]."""
+        self.at = (f"at position {pos}" if np.ndim(pos) == 0 else
+                   f"of {len(tokens)} rows at positions {min(pos)}..{max(pos)}")
+        self.backend.set_step(tokens, pos)
         if self.pool is not None:
             self.pool.run(parity)
         else:
             for k in range(self.num_stacks):
                 self.launch(k, parity)
-        self.pos += 1
         return self.backend.finish()
 
     def seek(self, pos: int) -> None:
