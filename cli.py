@@ -242,7 +242,7 @@ def validate(bundle: Path = typer.Argument(..., help="Bundle folder."),
              min_agreement: Optional[float] = typer.Option(None, help="Quantized bundles: least "
                                                            "share of teacher-forced greedy "
                                                            "tokens equal to the reference's "
-                                                           "(default: int8 0.95, int4 0.85)."),
+                                                           "(default: int8 0.9, int4 0.7)."),
              max_bpb_rise: Optional[float] = typer.Option(None, help="Quantized bundles: largest "
                                                           "relative rise of bits per byte over "
                                                           "the reference (default: int8 0.01, "

@@ -36,7 +36,7 @@ def check_quant(quant: str | None, block_size: int, flavours, dtype: str) -> Non
         raise StagError(f"--quant {quant}: expected one of {', '.join(BITS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise StagError(f"--block-size {block_size}: expected a power of two >= 16")
-    if dtype != "float32":
+    if dtype != "fp32":
         raise StagError(f"--quant {quant} with --dtype {dtype}: weight-only quantization starts "
                         "from fp32 weights; export with --dtype fp32")
     qdq = [f for f in flavours if f in QDQ_FLAVOURS]
