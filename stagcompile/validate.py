@@ -317,7 +317,7 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
     max_bpb_rise = limits["bpb_rise"] if max_bpb_rise is None else max_bpb_rise
     for flag, value in (("--atol", atol), ("--rtol", rtol), ("--max-bpb-rise", max_bpb_rise)):
         if not (math.isfinite(value) and value >= 0):
-            raise StagError(f"{flag} {value}: expected a finite number >= 0")
+            raise StagError(f"{flag} {value}: tolerances must be finite numbers >= 0")
     if not 0 <= min_agreement <= 1:
         raise StagError(f"--min-agreement {min_agreement}: expected a share between 0 and 1")
     ref_bundle = quality.load_reference(bundle, reference, text)
