@@ -140,11 +140,15 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (confi
                                                "DequantizeLinear for portable/plugin)."),
            block_size: int = typer.Option(32, help="Weights per quantization block along K "
                                           "(a power of two >= 16)."),
+           quant_embedding: bool = typer.Option(True, help="With --quant int4, also quantize "
+                                                "the ort graphs' embedding "
+                                                "(GatherBlockQuantized)."),
            force: bool = typer.Option(False, help="Replace an existing bundle.")):
     """Export one ONNX graph per stack, the manifest, a golden trace and the runtime."""
     from stagcompile.export import export_bundle
     out = export_bundle(checkpoint, output, flavour.value, dtype.value, max_seq_len, max_batch,
-                        force, quant=quant, block_size=block_size)
+                        force, quant=quant, block_size=block_size,
+                        quant_embedding=quant_embedding)
     console.print(f"wrote bundle {out}")
 
 

@@ -118,7 +118,7 @@ def ort_manifest(cfg, ios) -> dict:
 def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtype: str = "fp32",
                   max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
                   show_progress: bool = True, golden_batch: int = 2, quant: str | None = None,
-                  block_size: int = 32) -> Path:
+                  block_size: int = 32, quant_embedding: bool = True) -> Path:
     from stagcompile.quantize import QDQ_OPSET, check_quant, manifest_section, quantize
 
     check_options(flavour, dtype, max_batch, max_seq_len)
@@ -157,7 +157,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
         """`proto` with its weights quantized (when --quant is given)."""
         if quant is None:
             return proto
-        proto, n = quantize(proto, quant, block_size, fl)
+        proto, n = quantize(proto, quant, block_size, fl, quant_embedding)
         changed[fl] = changed.get(fl, 0) + n
         return proto
 
@@ -230,7 +230,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
                           "self_window": cfg.self_window or 0,
                           "cross_window": cfg.cross_window or 0, "scale": cfg.head_dim ** -0.5},
             "weights": _shared_weights(model),
-            "quant": manifest_section(quant, block_size, flavours, changed) if quant else None,
+            "quant": (manifest_section(quant, block_size, flavours, changed, quant_embedding)
+                      if quant else None),
             "ort": (ort_manifest(cfg, ort_ios) if ort_ios else {"skipped": ort_skipped}
                     if ort_skipped and "ort" in FLAVOUR_CHOICES[flavour] else None),
             "validation": {"trace": "validation/trace.npz", "batch": golden_batch,

@@ -5,14 +5,17 @@ and defaults of ONNX Runtime GenAI's `-p int4` CPU models) rewrites every MatMul
 a constant:
 
     ort flavour         MatMul -> com.microsoft MatMulNBits (bits 8 or 4, block_size,
-                        accuracy_level 4: activations quantized to int8 inside the kernel)
+                        accuracy_level 4: activations quantized to int8 inside the kernel);
+                        with int4 also the embedding: Gather -> GatherBlockQuantized (blocks
+                        along d_model; `embedding=False` keeps it, as ONNX Runtime GenAI does)
     portable, plugin    weight -> DequantizeLinear(int4, scale, axis 0, block_size) -> MatMul
                         (opset 21 QDQ: TensorRT's int4 weight-only path; int4 only, the
                         quantizer writes no int8 QDQ)
 
-Activations, norms, softmax, caches and logits keep the bundle's dtype; the embedding Gather stays
-unquantized (and so does a MatMul whose weight is computed, like a tied head that the traced
-graphs transpose at run time). The manifest's `quant` section records what was done.
+Activations, norms, softmax, caches and logits keep the bundle's dtype, and so does a MatMul whose
+weight is computed (a tied head that the traced graphs transpose at run time) and the traced
+graphs' embedding (the quantizer has no QDQ Gather). The manifest's `quant` section records what
+was done.
 """
 
 from __future__ import annotations
@@ -46,36 +49,42 @@ def check_quant(quant: str | None, block_size: int, flavours, dtype: str) -> Non
                         "TensorRT does not read); export with --flavour ort, or --quant int4")
 
 
-def quantize(proto, quant: str, block_size: int, flavour: str):
-    """The graph with its constant MatMul weights quantized; returns (proto, MatMuls changed)."""
+def quantize(proto, quant: str, block_size: int, flavour: str, embedding: bool = True):
+    """The graph with its constant weights quantized; returns (proto, nodes changed)."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     before = sum(n.op_type == "MatMul" for n in proto.graph.node)
     fmt = QuantFormat.QDQ if flavour in QDQ_FLAVOURS else QuantFormat.QOperator
+    gather = embedding and fmt == QuantFormat.QOperator and BITS[quant] == 4
     quiet = logging.getLogger("onnxruntime.quantization")
     level, quiet.level = quiet.level, logging.ERROR      # it warns about the opset bump
     try:
         q = MatMulNBitsQuantizer(proto, bits=BITS[quant], block_size=block_size,
                                  is_symmetric=True, quant_format=fmt,
-                                 accuracy_level=None if fmt == QuantFormat.QDQ else ACCURACY_LEVEL)
+                                 accuracy_level=None if fmt == QuantFormat.QDQ else ACCURACY_LEVEL,
+                                 op_types_to_quantize=("MatMul", "Gather") if gather else None)
         q.process()
     finally:
         quiet.level = level
     out = q.model.model
     op = "DequantizeLinear" if fmt == QuantFormat.QDQ else "MatMulNBits"
-    changed = sum(n.op_type == op for n in out.graph.node)
+    changed = sum(n.op_type in (op, "GatherBlockQuantized") for n in out.graph.node)
     if before and not changed:
         raise StagError(f"--quant {quant}: ONNX Runtime's quantizer changed no MatMul of the "
                         f"{flavour} graph")
     return out, changed
 
 
-def manifest_section(quant: str, block_size: int, flavours, changed: dict) -> dict:
+def manifest_section(quant: str, block_size: int, flavours, changed: dict,
+                     embedding: bool = True) -> dict:
     """The manifest's `quant` section: what was quantized, how, and with which tool."""
     import onnxruntime
+    gather = embedding and BITS[quant] == 4
     fmt = {"ort": f"com.microsoft MatMulNBits (bits {BITS[quant]}, accuracy_level "
-                  f"{ACCURACY_LEVEL}: int8 activations inside the kernel)",
+                  f"{ACCURACY_LEVEL}: int8 activations inside the kernel)"
+                  + ("; embedding: com.microsoft GatherBlockQuantized (int4, blocks along "
+                     "d_model)" if gather else ""),
            "portable": "DequantizeLinear (int4, axis 0, block_size) -> MatMul, opset 21",
            "plugin": "DequantizeLinear (int4, axis 0, block_size) -> MatMul, opset 21"}
     return {"weights": quant, "bits": BITS[quant], "block_size": block_size, "symmetric": True,
@@ -83,6 +92,7 @@ def manifest_section(quant: str, block_size: int, flavours, changed: dict) -> di
                       "(onnxruntime.quantization MatMulNBitsQuantizer, DEFAULT)",
             "tool": f"onnxruntime {onnxruntime.__version__}",
             "formats": {f: fmt[f] for f in flavours},
-            "matmuls_quantized": changed,
-            "unquantized": "embedding Gather, norms, activations, caches, logits; "
-                           "MatMuls whose weight is computed in the graph"}
+            "nodes_quantized": changed,
+            "unquantized": "norms, activations, caches, logits; MatMuls whose weight is computed "
+                           "in the graph; the embedding of "
+                           + ("the portable and plugin graphs" if gather else "every graph")}

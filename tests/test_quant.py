@@ -55,7 +55,8 @@ def test_manifest_records_the_quantization(bundles):
     q = m["quant"]
     assert (q["weights"], q["bits"], q["block_size"], q["symmetric"]) == ("int4", 4, 32, True)
     assert set(q["formats"]) == {"ort", "portable", "plugin"}
-    assert all(n > 0 for n in q["matmuls_quantized"].values())
+    assert all(n > 0 for n in q["nodes_quantized"].values())
+    assert "GatherBlockQuantized" in q["formats"]["ort"]
     assert m["dtype"] == "float32" and m["opset"] == 21 and q["tool"].startswith("onnxruntime")
 
 
@@ -66,8 +67,10 @@ def test_ort_graphs_hold_matmulnbits_and_are_smaller(bundles):
         attrs = {a.name: a.i for a in nbits[0].attribute}
         assert attrs["bits"] == bits and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
         assert not any(n.op_type == "MatMul" for n in nodes)      # every weight MatMul changed
+        embed = {"int8": "Gather", "int4": "GatherBlockQuantized"}[name]   # no int8 Gather
+        assert [n.op_type for n in nodes if n.op_type.startswith("Gather")] == [embed]
     fp32, int8, int4 = (graph_bytes(bundles[n], "ort") for n in ("fp32", "int8", "int4"))
-    assert int4 < int8 < 0.6 * fp32
+    assert 4 * int4 < 2 * int8 < 1.2 * fp32
 
 
 def test_tensorrt_graphs_hold_blockwise_int4_dequantize(bundles):
@@ -141,6 +144,16 @@ def test_validate_needs_no_torch(bundles):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_embedding_can_stay_unquantized(tmp_path):
+    out = export_bundle(DEMO_DIR, tmp_path / "b", "ort", show_progress=False, quant="int4",
+                        quant_embedding=False)
+    nodes = ops(out / "graphs" / "ort" / "stack1.onnx")
+    assert "Gather" in {n.op_type for n in nodes} and "GatherBlockQuantized" not in {
+        n.op_type for n in nodes}
+    assert "GatherBlockQuantized" not in json.loads((out / "manifest.json").read_text())[
+        "quant"]["formats"]["ort"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
