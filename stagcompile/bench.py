@@ -15,8 +15,8 @@ p90) and prefill throughput of:
     ... int4    with `--quant int8,int4`: the same bundles exported with weight-only quantized
                 weights (`export --quant`): staggered (every split) and the P = 1 baseline, and
                 with `--peer ortgenai` ONNX Runtime GenAI's model at that precision (its
-                builder's `-p int4`, same weights, same quantizer defaults; the quantized
-                baseline keeps its embedding unquantized, as that builder does)
+                builder's `-p int4`, same weights, same quantizer defaults; with tied
+                embeddings that builder quantizes the embedding too, like ours)
 
 Runs are warmed up and interleaved (round r runs every configuration before round r + 1), so
 drift on a shared machine hits all of them alike; each configuration gets the cores at its best
@@ -305,7 +305,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
                     out = work / f"bundle-{variant}-{ctx}-{q or 'fp32'}"
                     export_bundle(ck, out, "both" if backend == "trt" else flavour, "fp32",
                                   ctx + margin, max(batches), force=True, show_progress=False,
-                                  quant=q, quant_embedding=variant != "baseline")
+                                  quant=q)
                     if backend == "trt":
                         from stagcompile.build import build_engines
                         build_engines(out, max_prefill=ctx, show_progress=False)
