@@ -134,11 +134,21 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (confi
            max_seq_len: Optional[int] = typer.Option(None, help="Cache capacity for unbounded "
                                                      "attention (default: the config's)."),
            max_batch: int = typer.Option(8, help="Largest batch the bundle serves."),
+           quant: Optional[str] = typer.Option(None, help="Weight-only quantization: int8 (ort "
+                                               "flavour only) or int4, by ONNX Runtime's "
+                                               "quantizer (MatMulNBits for ort, int4 "
+                                               "DequantizeLinear for portable/plugin)."),
+           block_size: int = typer.Option(32, help="Weights per quantization block along K "
+                                          "(a power of two >= 16)."),
+           quant_embedding: bool = typer.Option(True, help="With --quant int4, also quantize "
+                                                "the ort graphs' embedding "
+                                                "(GatherBlockQuantized)."),
            force: bool = typer.Option(False, help="Replace an existing bundle.")):
     """Export one ONNX graph per stack, the manifest, a golden trace and the runtime."""
     from stagcompile.export import export_bundle
     out = export_bundle(checkpoint, output, flavour.value, dtype.value, max_seq_len, max_batch,
-                        force)
+                        force, quant=quant, block_size=block_size,
+                        quant_embedding=quant_embedding)
     console.print(f"wrote bundle {out}")
 
 
@@ -269,11 +279,25 @@ def validate(bundle: Path = typer.Argument(..., help="Bundle folder."),
              atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default by "
                                                   "dtype: fp32 1e-4, fp16 5e-2, bf16 1.5e-1)."),
              rtol: Optional[float] = typer.Option(None, help="Relative tolerance (default by "
-                                                  "dtype: fp32 1e-4, fp16 1e-2, bf16 2e-2).")):
+                                                  "dtype: fp32 1e-4, fp16 1e-2, bf16 2e-2)."),
+             text: Optional[Path] = typer.Option(None, help="Also measure bits per byte on this "
+                                                 "text (.txt or .txt.xz)."),
+             reference: Optional[Path] = typer.Option(None, help="fp32 bundle of the same "
+                                                      "checkpoint whose bits per byte a "
+                                                      "quantized bundle is compared with."),
+             min_agreement: Optional[float] = typer.Option(None, help="Quantized bundles: least "
+                                                           "share of teacher-forced greedy "
+                                                           "tokens equal to the reference's "
+                                                           "(default: int8 0.9, int4 0.7)."),
+             max_bpb_rise: Optional[float] = typer.Option(None, help="Quantized bundles: largest "
+                                                          "relative rise of bits per byte over "
+                                                          "the reference (default: int8 0.01, "
+                                                          "int4 0.02).")):
     """Check every backend available here against the PyTorch reference's golden trace."""
     from stagcompile.errors import StagError
     from stagcompile.validate import print_report, validate_bundle
-    report = validate_bundle(bundle, atol, rtol)
+    report = validate_bundle(bundle, atol, rtol, text=text, reference=reference,
+                             min_agreement=min_agreement, max_bpb_rise=max_bpb_rise)
     print_report(report)
     if not report.ran:
         raise StagError(f"{bundle}: nothing could be validated on this machine: "
@@ -377,6 +401,9 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
           peer: Optional[str] = typer.Option(None, help="ortgenai: also time ONNX Runtime "
                                              "GenAI's model of the P = 1 baseline's weights "
                                              "(needs stagcompile\\[peer]; batch 1)."),
+          quant: str = typer.Option("", help="Also time bundles with quantized weights: int8 "
+                                    "and/or int4, comma-separated (with --peer ortgenai also "
+                                    "its model at that precision)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Write a bar chart (PNG).")):
     """Staggered vs sequential vs a P = 1 baseline vs PyTorch eager, side by side."""
@@ -385,7 +412,8 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
     from stagcompile.bench_report import print_report, write_json
     res = run_bench(checkpoint, preset, _ints("--batch", batch), _ints("--context", context),
                     [w.strip() for w in window.split(",") if w.strip()], bounded_window, backend,
-                    iters, rounds, warmup, spinning, torch_baseline, flavour=flavour, peer=peer)
+                    iters, rounds, warmup, spinning, torch_baseline, flavour=flavour, peer=peer,
+                    quant=[q.strip() for q in quant.split(",") if q.strip()])
     print_report(res)
     if json_out:
         write_json(res, json_out)

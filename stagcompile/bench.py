@@ -12,6 +12,11 @@ p90) and prefill throughput of:
                 (its model builder, fp32), 1 or all threads, batch 1 (`stagcompile.peer`)
     stack k     each stack of the staggered bundle alone: the ideal staggered step is the
                 slowest of them, efficiency = ideal / measured staggered step
+    ... int4    with `--quant int8,int4`: the same bundles exported with weight-only quantized
+                weights (`export --quant`): staggered (every split) and the P = 1 baseline, and
+                with `--peer ortgenai` ONNX Runtime GenAI's model at that precision (its
+                builder's `-p int4`, same weights, same quantizer defaults; with tied
+                embeddings that builder quantizes the embedding too, like ours)
 
 Runs are warmed up and interleaved (round r runs every configuration before round r + 1), so
 drift on a shared machine hits all of them alike; each configuration gets the cores at its best
@@ -63,8 +68,10 @@ def thread_splits(n_stacks: int, n_cores: int) -> list[tuple]:
 
 def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend: str,
                      n_cores: int, spinning: bool, stacks_alone: bool,
-                     flavour: str | None = None) -> list[Runner]:
-    """Runners over one bundle: every schedule and (ONNX Runtime) thread setting worth trying."""
+                     flavour: str | None = None, tag: str = "") -> list[Runner]:
+    """Runners over one bundle: every schedule and (ONNX Runtime) thread setting worth trying.
+    A `tag` (a quantized bundle's precision) is appended to labels and kinds; a tagged
+    StagFormer bundle runs the staggered schedule only."""
     from stagcompile.runtime.bundle import Bundle
     from stagcompile.runtime.generator import Generator, make_backend
 
@@ -76,6 +83,7 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
     def make(label, kind, schedule, threads):
         gen = Generator(bundle, make_backend(bundle, backend, schedule, list(threads), spinning,
                                              flavour if backend == "ort" else None), schedule)
+        label, kind = (f"{label} {tag}", f"{kind} {tag}") if tag else (label, kind)
         r = Runner(label, kind, tuple(threads), prefill=lambda: gen.prefill(prompt),
                    step=lambda: gen.step(tok), seek=lambda: gen.scheduler.seek(ctx))
         r.generator = gen
@@ -87,6 +95,8 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
         stag = thread_splits(p, n_cores) if p > 1 else []
     else:
         seq, stag = [(1,) * p], ([(1,) * p] if p > 1 else [])
+    if tag and p > 1:
+        seq = []
     for threads in seq:
         suffix = f" {threads[0]}t" if backend == "ort" else ""
         out.append(make(f"{kind}{suffix}", kind, "sequential", threads))
@@ -107,13 +117,14 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
 
 
 def _peer_runners(folder: Path, prompt: np.ndarray, n_cores: int, spinning: bool,
-                  max_new: int) -> list[Runner]:
+                  max_new: int, tag: str = "") -> list[Runner]:
     from stagcompile.peer import PeerSession
     out = []
     for t in sorted({1, n_cores}):
         ps = PeerSession(folder, prompt, t, spinning, max_new)
-        out.append(Runner(f"ortgenai {t}t", "peer", (t,), prefill=ps.prefill, step=ps.step,
-                          seek=ps.restart))
+        out.append(Runner(f"ortgenai{' ' + tag if tag else ''} {t}t",
+                          f"peer {tag}" if tag else "peer", (t,), prefill=ps.prefill,
+                          step=ps.step, seek=ps.restart))
     return out
 
 
@@ -244,7 +255,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
               bounded: int = 32, backend: str = "ort", iters: int = 20, rounds: int = 5,
               warmup: int = 3, spinning: bool = False, include_torch: bool = True,
               work_dir: Path | None = None, show_progress: bool = True,
-              flavour: str = "ort", peer: str | None = None) -> dict:
+              flavour: str = "ort", peer: str | None = None, quant=()) -> dict:
     from stagcompile.bench_report import summarise
     from stagcompile.config import load_config
     from stagcompile.export import export_bundle
@@ -258,6 +269,12 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
         raise StagError(f"--flavour {flavour}: expected ort or portable")
     if peer not in (None, "ortgenai"):
         raise StagError(f"--peer {peer}: expected ortgenai")
+    quant = list(dict.fromkeys(quant))
+    if set(quant) - {"int8", "int4"}:
+        raise StagError(f"--quant {','.join(quant)}: expected int8 and/or int4")
+    if quant and backend != "ort":
+        raise StagError("--quant: measured on the ONNX Runtime backend only (build a quantized "
+                        "bundle's TensorRT engines with `stagcompile build`)")
     if peer:
         from stagcompile.peer import check_available
         check_available()
@@ -275,41 +292,50 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
     n_cores = cores()
     tmp = tempfile.TemporaryDirectory(prefix="stagbench-") if work_dir is None else None
     work = Path(tmp.name if tmp else work_dir)
-    rows, margin, peer_check = [], warmup + iters + 2, None
+    rows, margin, peer_check = [], warmup + iters + 2, {}
     try:
         with progress(show_progress) as bar:
-            task = bar.add_task("compile", total=len(windows) * len(contexts) + len(contexts))
+            task = bar.add_task("compile", total=(len(windows) + 1) * len(contexts)
+                                * (1 + len(quant)))
             ckpts = prepare_checkpoints(checkpoint, preset_name, work, list(windows), bounded)
             bundles = {}
-            for variant, ck in ckpts.items():
+            for (variant, ck), q in itertools.product(ckpts.items(), [None] + quant):
                 for ctx in contexts:
-                    bar.update(task, description=f"export {variant}, context {ctx}")
-                    out = work / f"bundle-{variant}-{ctx}"
+                    bar.update(task, description=f"export {variant}, context {ctx} {q or ''}")
+                    out = work / f"bundle-{variant}-{ctx}-{q or 'fp32'}"
                     export_bundle(ck, out, "both" if backend == "trt" else flavour, "fp32",
-                                  ctx + margin, max(batches), force=True, show_progress=False)
+                                  ctx + margin, max(batches), force=True, show_progress=False,
+                                  quant=q)
                     if backend == "trt":
                         from stagcompile.build import build_engines
                         build_engines(out, max_prefill=ctx, show_progress=False)
-                    bundles[variant, ctx] = out
+                    bundles[variant, ctx, q] = out
                     bar.advance(task)
-            peer_dir = None
+            peer_dirs, peer_check = {}, {}
             if peer:
-                from stagcompile.peer import build_peer
+                from stagcompile.peer import build_peer, same_greedy_tokens
                 bar.update(task, description="ONNX Runtime GenAI's builder (peer)")
-                peer_dir = build_peer(ckpts["baseline"], work / "peer")
+                peer_dirs = {q: build_peer(ckpts["baseline"], work / "peer", q or "fp32")
+                             for q in [None] + quant}
             vocab = load_config(ckpts["baseline"]).vocab_size
-            if peer_dir is not None:
-                from stagcompile.peer import same_greedy_tokens
-                peer_check = same_greedy_tokens(peer_dir, bundles["baseline", contexts[0]], vocab)
+            for q, folder in peer_dirs.items():
+                ours = bundles["baseline", contexts[0], q]
+                peer_check[q or "fp32"] = same_greedy_tokens(folder, ours, vocab)
             cells = list(itertools.product(batches, contexts, windows))
             for b, ctx, w in cells:
                 prompt = np.random.default_rng(0).integers(0, vocab, (b, ctx)).astype(np.int64)
-                runners = (_runtime_runners(bundles[w, ctx], prompt, w, backend, n_cores,
+                runners = (_runtime_runners(bundles[w, ctx, None], prompt, w, backend, n_cores,
                                             spinning, True, flavour)
-                           + _runtime_runners(bundles["baseline", ctx], prompt, "baseline",
+                           + _runtime_runners(bundles["baseline", ctx, None], prompt, "baseline",
                                               backend, n_cores, spinning, False, flavour))
-                if peer_dir is not None and b == 1:
-                    runners += _peer_runners(peer_dir, prompt, n_cores, spinning, margin)
+                for q in quant:
+                    runners += (_runtime_runners(bundles[w, ctx, q], prompt, w, backend, n_cores,
+                                                 spinning, False, flavour, q)
+                                + _runtime_runners(bundles["baseline", ctx, q], prompt,
+                                                   "baseline", backend, n_cores, spinning, False,
+                                                   flavour, q))
+                for q, folder in (peer_dirs.items() if b == 1 else ()):
+                    runners += _peer_runners(folder, prompt, n_cores, spinning, margin, q or "")
                 if include_torch:
                     runners += _torch_runners(ckpts[w], prompt, n_cores, ctx + margin,
                                               "cuda" if backend == "trt" else "cpu")
@@ -336,5 +362,6 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
             "backend": backend, "cores": n_cores, "iters": iters, "rounds": rounds,
             "warmup": warmup, "spinning": spinning, "bounded_window": bounded,
             "flavour": flavour if backend == "ort" else None, "peer": peer,
-            "peer_tokens": peer_check}
+            "peer_tokens": peer_check.get("fp32"), "quant": quant,
+            "peer_tokens_quant": {q: v for q, v in peer_check.items() if q != "fp32"}}
     return summarise(meta, rows)

@@ -11,6 +11,9 @@ Per cell (batch, context, cross window), from the medians of the measured rows:
     peer / p1 1t|Nt  ONNX Runtime GenAI (same weights) / our P = 1 baseline, both at 1 and at N
                      threads (N = all cores)                                (--peer ortgenai)
     peer / stag      ONNX Runtime GenAI at N threads / best staggered           (reported)
+    q vs fp32        best staggered fp32 / best staggered with q = int8 | int4 weights
+    q peer / P1 Nt   ONNX Runtime GenAI at q / our P = 1 baseline at q, both at N threads
+    q peer / stag    ONNX Runtime GenAI at q, N threads / best staggered at q    (reported)
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from stagcompile.progress import table_console
 
 TARGETS = {"overlap": 1.8, "stagger_gain": 1.15, "vs_baseline": 1.1, "vs_torch": 3.0,
            "efficiency": 0.9, "stag_vs_p1_1t": 1.6, "p1_vs_peer_1t": 1.0, "p1_vs_peer_nt": 1.0,
-           "stag_vs_peer": None}
+           "stag_vs_peer": None, "int4_vs_fp32": 2.0, "int8_vs_fp32": None,
+           "int4_p1_vs_peer_nt": 1.0, "int8_p1_vs_peer_nt": 1.0, "int4_stag_vs_peer": None,
+           "int8_stag_vs_peer": None}
 TARGET_NOTES = {
     "overlap": "staggered 1 thread/stack over sequential 1 thread",
     "stagger_gain": "staggered best split over best sequential",
@@ -36,7 +41,11 @@ TARGET_NOTES = {
     "p1_vs_peer_1t": "our P = 1 over ONNX Runtime GenAI, same weights, 1 thread each",
     "p1_vs_peer_nt": "our P = 1 over ONNX Runtime GenAI, same weights, all cores each",
     "stag_vs_peer": "best staggered over ONNX Runtime GenAI P = 1 at all cores (reported)",
-}
+} | {f"{q}_{key}": note.format(q=q) for q in ("int8", "int4") for key, note in (
+    ("vs_fp32", "staggered with {q} weights over staggered fp32, each at its best split"),
+    ("p1_vs_peer_nt", "our P = 1 over ONNX Runtime GenAI, both {q}, same weights, all cores"),
+    ("stag_vs_peer", "best staggered {q} over ONNX Runtime GenAI {q} P = 1 at all cores "
+                     "(reported)"))}
 
 
 def _best(rows, kind):
@@ -77,6 +86,12 @@ def cell_ratios(rows: list[dict]) -> dict:
     out |= {"stag_vs_p1_1t": _ratio(base1, stag1), "p1_vs_peer_1t": _ratio(peer1, base1),
             "p1_vs_peer_nt": _ratio(_threads(rows, "peer", n), _threads(rows, "baseline", n)),
             "stag_vs_peer": _ratio(_threads(rows, "peer", n), stag)}
+    for q in ("int8", "int4"):
+        qstag = _best(rows, f"staggered {q}")
+        out |= {f"{q}_vs_fp32": _ratio(stag, qstag),
+                f"{q}_p1_vs_peer_nt": _ratio(_threads(rows, f"peer {q}", n),
+                                             _threads(rows, f"baseline {q}", n)),
+                f"{q}_stag_vs_peer": _ratio(_threads(rows, f"peer {q}", n), qstag)}
     return out
 
 
@@ -116,15 +131,19 @@ def print_report(res: dict, con: Console | None = None) -> None:
                   f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}",
                   f"{r['prefill_tok_s']:,.0f}" if r["prefill_tok_s"] else "")
     con.print(t)
-    if m.get("peer_tokens"):
-        pt = m["peer_tokens"]
-        con.print(f"ONNX Runtime GenAI on the baseline's weights: greedy tokens "
+    checks = ([("fp32", m["peer_tokens"])] if m.get("peer_tokens") else []) + list(
+        (m.get("peer_tokens_quant") or {}).items())
+    for q, pt in checks:
+        con.print(f"ONNX Runtime GenAI on the baseline's weights ({q}): greedy tokens "
                   f"{'[green]identical[/]' if pt['match'] else '[red]DIFFER[/]'} to ours "
                   f"over {len(pt['ours'])} steps")
     t = Table(title="ratios (higher is better; target in brackets)")
     keys = ["overlap", "stagger_gain", "vs_baseline", "vs_torch", "efficiency", "stag_vs_p1_1t"]
     if m.get("peer"):
         keys += ["p1_vs_peer_1t", "p1_vs_peer_nt", "stag_vs_peer"]
+    for q in m.get("quant") or ():
+        keys += [f"{q}_vs_fp32"] + ([f"{q}_p1_vs_peer_nt", f"{q}_stag_vs_peer"]
+                                    if m.get("peer") else [])
     for col in ["batch", "ctx", "cross win"] + [_heading(k) for k in keys] + ["best staggered"]:
         t.add_column(col)
     for r in res["ratios"]:
@@ -152,7 +171,9 @@ def print_report(res: dict, con: Console | None = None) -> None:
 HEADINGS = {"overlap": "overlap", "stagger_gain": "stagger gain", "vs_baseline": "vs baseline",
             "vs_torch": "vs torch", "efficiency": "efficiency", "stag_vs_p1_1t": "P1/stag 1t",
             "p1_vs_peer_1t": "peer/P1 1t", "p1_vs_peer_nt": "peer/P1 Nt",
-            "stag_vs_peer": "peer Nt/stag"}
+            "stag_vs_peer": "peer Nt/stag"} | {
+    f"{q}_{key}": f"{q} {head}" for q in ("int8", "int4") for key, head in (
+        ("vs_fp32", "vs fp32"), ("p1_vs_peer_nt", "peer/P1 Nt"), ("stag_vs_peer", "peer Nt/stag"))}
 
 
 def _heading(key: str) -> str:

@@ -6,6 +6,9 @@
     bundle/runtime/                the generated runtime (see stagcompile.codegen)
     bundle/tokenizer.json          when the checkpoint has one
 
+With `quant` (int8 | int4) every graph's constant MatMul weights are quantized by ONNX Runtime's
+quantizer (stagcompile.quantize) before they are written; the manifest's `quant` section says how.
+
 The bundle is assembled in a temporary folder and renamed at the end (stagcompile.atomic); it never
 replaces its own checkpoint, a folder holding it, or a folder that is not a bundle. The checkpoint's
 weights must be finite and its tokenizer must load and fit the model's vocabulary.
@@ -114,8 +117,12 @@ def ort_manifest(cfg, ios) -> dict:
 
 def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtype: str = "fp32",
                   max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
-                  show_progress: bool = True, golden_batch: int = 2) -> Path:
+                  show_progress: bool = True, golden_batch: int = 2, quant: str | None = None,
+                  block_size: int = 32, quant_embedding: bool = True) -> Path:
+    from stagcompile.quantize import QDQ_OPSET, check_quant, manifest_section, quantize
+
     check_options(flavour, dtype, max_batch, max_seq_len)
+    check_quant(quant, block_size, FLAVOUR_CHOICES.get(flavour, ()), dtype)
     import torch
 
     from graphs.io import stack_io
@@ -144,6 +151,16 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
     output = Path(output)
     files: list[Path] = []
     graphs: dict[str, list] = {f: [] for f in flavours}
+    changed: dict[str, int] = {}
+
+    def quantized(proto, fl: str):
+        """`proto` with its weights quantized (when --quant is given)."""
+        if quant is None:
+            return proto
+        proto, n = quantize(proto, quant, block_size, fl, quant_embedding)
+        changed[fl] = changed.get(fl, 0) + n
+        return proto
+
     with atomic_dir(output, force, "bundle", [checkpoint_dir]) as tmp, \
             progress(show_progress) as bar:
         task = bar.add_task("export", total=cfg.num_stacks * len(flavours) + 2)
@@ -156,7 +173,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
             if "ort" in flavours:
                 bar.update(task, description=f"build stack {k + 1}/{cfg.num_stacks} (ort)")
                 path = tmp / "graphs" / "ort" / f"stack{k + 1}.onnx"
-                written, ort_io = save_ort_stack(cfg, weights, k, dt, path)
+                written, ort_io = save_ort_stack(cfg, weights, k, dt, path,
+                                                 lambda p: quantized(p, "ort"))
                 ort_ios.append(ort_io)
                 files += written
                 graphs["ort"].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
@@ -169,7 +187,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
             for fl in (f for f in flavours if f in TRACED):
                 bar.update(task, description=f"write + check stack {k + 1} ({fl})")
                 path = tmp / "graphs" / fl / f"stack{k + 1}.onnx"
-                written = save(portable(proto) if fl == "portable" else proto, path)
+                written = save(quantized(portable(proto) if fl == "portable" else proto, fl),
+                               path)
                 check(path, io)
                 files += written
                 graphs[fl].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
@@ -196,7 +215,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
         manifest = {
             "format": FORMAT, "manifest_version": MANIFEST_VERSION,
             "config": cfg.to_dict(), "dtype": dt, "max_batch": max_batch,
-            "opset": OPSET,
+            "opset": QDQ_OPSET if quant and set(flavours) & set(TRACED) else OPSET,
             "graphs": graphs,
             "io": [io.to_dict() for io in ios],
             "caches": {"self": {"capacity": cfg.self_capacity(), "window": cfg.self_window},
@@ -212,6 +231,8 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
                           "self_window": cfg.self_window or 0,
                           "cross_window": cfg.cross_window or 0, "scale": cfg.head_dim ** -0.5},
             "weights": _shared_weights(model),
+            "quant": (manifest_section(quant, block_size, flavours, changed, quant_embedding)
+                      if quant else None),
             "ort": (ort_manifest(cfg, ort_ios) if ort_ios
                     else {"skipped": ort_skipped} if ort_skipped else None),
             "validation": {"trace": "validation/trace.npz", "batch": golden_batch,

@@ -136,8 +136,9 @@ def save(proto: onnx.ModelProto, path: Path) -> list[Path]:
     return files
 
 
-def save_ort_stack(cfg, weights: dict, stack: int, dtype: str, path: Path):
-    """Build, write and check the ort-flavour graph of 0-based `stack`; returns (files, I/O)."""
+def save_ort_stack(cfg, weights: dict, stack: int, dtype: str, path: Path, transform=None):
+    """Build, write and check the ort-flavour graph of 0-based `stack` (`transform(proto)` ->
+    proto, when given, rewrites it first: quantization); returns (files, I/O)."""
     import onnx_ir as ir
 
     from graphs.ort_stack import OrtStackGraph
@@ -145,7 +146,7 @@ def save_ort_stack(cfg, weights: dict, stack: int, dtype: str, path: Path):
     graph = OrtStackGraph(cfg, weights, stack, dtype)
     proto = ir.serde.serialize_model(graph.build())
     proto.doc_string = f"stagcompile stack {stack + 1} of {cfg.num_stacks} (ort flavour)"
-    written = save(proto, path)
+    written = save(transform(proto) if transform else proto, path)
     check(path, graph.io)
     return written, graph.io
 

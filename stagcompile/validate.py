@@ -15,8 +15,10 @@ sequence 1, prefill: 1..max_prefill), so each step runs on a TrtRunner created w
 `optimization_profile` whose ranges hold its batch and sequence length. Then the runtime's
 greedy tokens (both schedules, every ONNX Runtime flavour) are checked against the trace. A
 failure names the stack, output, step, worst element and its error, and saves the inputs and
-expected outputs so the printed `polygraphy run ...` command reproduces it. Writes
-`validation/report.json` (atomically). Needs no torch.
+expected outputs so the printed `polygraphy run ...` command reproduces it. A bundle with
+quantized weights (`export --quant`) is held to quality thresholds instead of tolerances: token
+agreement over the golden trace and, with `--text FILE`, bits per byte against an fp32 reference
+bundle (stagcompile.quality). Writes `validation/report.json` (atomically). Needs no torch.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Report:
     checks: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
     tokens: list = field(default_factory=list)
+    text: dict | None = None
 
     @property
     def ran(self) -> bool:
@@ -70,12 +73,13 @@ class Report:
     @property
     def passed(self) -> bool:
         return (self.ran and all(c.passed for c in self.checks)
-                and all(t["passed"] for t in self.tokens))
+                and all(t["passed"] for t in self.tokens)
+                and (self.text is None or self.text["passed"]))
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "dtype": self.dtype, "atol": self.atol, "rtol": self.rtol,
                 "passed": self.passed, "ran": self.ran, "checks": [asdict(c) for c in self.checks],
-                "skipped": self.skipped, "tokens": self.tokens}
+                "skipped": self.skipped, "tokens": self.tokens, "text": self.text}
 
 
 def _quiet_polygraphy():
@@ -292,7 +296,10 @@ def _token_check(bundle: Bundle, trace: Trace, backend: str, schedule: str, atol
 
 
 def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = None,
-                    show_progress: bool = True) -> Report:
+                    show_progress: bool = True, text: Path | None = None,
+                    reference: Path | None = None, min_agreement: float | None = None,
+                    max_bpb_rise: float | None = None) -> Report:
+    from stagcompile import quality
     from stagcompile.progress import progress
     try:
         bundle = Bundle.load(root)
@@ -304,9 +311,16 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
         raise StagError(str(exc)) from None
     d_atol, d_rtol = TOLERANCES[bundle.dtype]
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
-    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+    limits = quality.THRESHOLDS[bundle.quant["bits"]] if bundle.quant else {"agreement": 1.0,
+                                                                            "bpb_rise": 0.0}
+    min_agreement = limits["agreement"] if min_agreement is None else min_agreement
+    max_bpb_rise = limits["bpb_rise"] if max_bpb_rise is None else max_bpb_rise
+    for flag, value in (("--atol", atol), ("--rtol", rtol), ("--max-bpb-rise", max_bpb_rise)):
         if not (math.isfinite(value) and value >= 0):
             raise StagError(f"{flag} {value}: tolerances must be finite numbers >= 0")
+    if not 0 <= min_agreement <= 1:
+        raise StagError(f"--min-agreement {min_agreement}: expected a share between 0 and 1")
+    ref_bundle = quality.load_reference(bundle, reference, text)
     report_file = bundle.root / "validation" / "report.json"
     check_writable(report_file)
     _quiet_polygraphy()
@@ -332,6 +346,11 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
                                                     "portable graphs: " + skipped["ort-portable"])
     if "trt" in ready:
         token_runs += [("trt", "staggered", None), ("trt", "sequential", None)]
+    if bundle.quant:
+        why = (f"weights quantized to {bundle.quant['weights']}: outputs differ from the fp32 "
+               "reference by design; held to token agreement (and bits per byte with --text)")
+        skipped |= {f"{name} (per-element)": why for name in ready}
+        ready = {}
     with progress(show_progress) as bar:
         task = bar.add_task("validate", total=len(ready) * bundle.num_stacks + len(token_runs))
         for backend, make in ready.items():
@@ -343,8 +362,13 @@ def validate_bundle(root: Path, atol: float | None = None, rtol: float | None = 
                 bar.advance(task)
         for backend, schedule, flavour in token_runs:
             bar.update(task, description=f"greedy tokens: {backend} {schedule}")
-            report.tokens.append(_token_check(bundle, trace, backend, schedule, atol, flavour))
+            report.tokens.append(
+                quality.agreement(bundle, trace, backend, schedule, flavour, min_agreement)
+                if bundle.quant else _token_check(bundle, trace, backend, schedule, atol, flavour))
             bar.advance(task)
+        if text is not None:
+            bar.update(task, description=f"bits per byte on {text}")
+            report.text = quality.text_check(bundle, text, ref_bundle, max_bpb_rise)
     write_text_atomic(report_file, json.dumps(report.to_dict(), indent=2), "validation report")
     return report
 
@@ -363,9 +387,19 @@ def print_report(report: Report) -> None:
                   c.worst, "[green]pass[/]" if c.passed else "[red]FAIL[/]")
     con.print(t)
     for tok in report.tokens:
-        verdict = "[green]match[/]" if tok["passed"] else "[red]MISMATCH[/]"
+        if "agreement" in tok:
+            verdict = "[green]pass[/]" if tok["passed"] else "[red]FAIL[/]"
+        else:
+            verdict = "[green]match[/]" if tok["passed"] else "[red]MISMATCH[/]"
         con.print(f"greedy tokens, {tok['backend']} {tok['schedule']}: {verdict} over "
                   f"{tok['steps']} steps {tok['note']}")
+    for r in (report.text or {}).get("results", []):
+        ref = report.text["reference"]
+        vs = (f" vs {ref['bpb']:.4f} for the reference {ref['bundle']}: {r['rise']:+.2%} "
+              f"(at most {report.text['max_rise']:+.1%}) "
+              + ("[green]pass[/]" if r["passed"] else "[red]FAIL[/]") if ref else "")
+        con.print(f"bits per byte on {report.text['text']} ({r['flavour']} graphs, "
+                  f"{r['tokens']} tokens, {r['bytes']} bytes): {r['bpb']:.4f}{vs}")
     for name, why in report.skipped.items():
         con.print(f"[yellow]skipped {name}[/]: {why}")
     if not report.ran:

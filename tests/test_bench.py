@@ -42,7 +42,9 @@ def test_bench_tiny_end_to_end(tmp_path):
         assert r["samples"] == 6 and r["median_ms"] > 0 and r["p10_ms"] <= r["p90_ms"]
     for cell in res["ratios"]:
         for key in TARGETS:
-            if key.endswith(("peer_1t", "peer_nt", "vs_peer")) and not (peer and cell["batch"] == 1):
+            if key.startswith(("int8_", "int4_")):
+                assert cell[key] is None, key           # no --quant
+            elif key.endswith(("peer_1t", "peer_nt", "vs_peer")) and not (peer and cell["batch"] == 1):
                 assert cell[key] is None, key           # the peer is measured at batch 1
             else:
                 assert cell[key] > 0, key

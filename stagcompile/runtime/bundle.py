@@ -156,6 +156,11 @@ class _Schema:
         tok = self.get(m, "tokenizer", str, "tokenizer", optional=True)
         if tok is not None:
             self.listed(tok, "tokenizer", files)
+        quant = self.get(m, "quant", dict, "quant", optional=True)
+        if quant is not None and self.get(quant, "bits", int, "quant.bits") not in (4, 8):
+            self.fail("quant.bits", f"is {quant['bits']}; expected 4 or 8")
+        if quant is not None:
+            self.positive(quant, "block_size", "quant.block_size")
         validation = self.get(m, "validation", dict, "validation", optional=True)
         if validation is not None:
             self.listed(self.get(validation, "trace", str, "validation.trace"),
@@ -268,6 +273,11 @@ class Bundle:
     @property
     def dtype(self) -> str:
         return self.manifest["dtype"]
+
+    @property
+    def quant(self) -> dict | None:
+        """The manifest's `quant` section (weight-only quantization), None for full weights."""
+        return self.manifest.get("quant")
 
     @property
     def flavours(self) -> list[str]:
