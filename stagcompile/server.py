@@ -133,12 +133,12 @@ class Engine:
             loop.call_soon_threadsafe(queue.put_nowait, token)
 
         def on_finish(r):
-            self.metrics.finished.labels(r.finish_reason).inc()
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         req.on_token, req.on_finish = on_token, on_finish
         self.batcher.submit(req)
         text = Detokenizer(self.gen, req.stop_ids, stops)
+        reason = "cancelled"              # what the client was told; counted once, at the end
         try:
             while True:
                 try:
@@ -152,16 +152,19 @@ class Engine:
                     tokens.append(queue.get_nowait())
                 delta = "".join(text.add(t) for t in tokens if t is not None)
                 if text.stopped:
-                    yield delta, "stop"
+                    reason = "stop"
+                    yield delta, reason
                     return
                 if tokens[-1] is None:
-                    yield delta + text.flush(), req.finish_reason
+                    reason = req.finish_reason
+                    yield delta + text.flush(), reason
                     return
                 if delta:
                     yield delta, None
         finally:
+            self.metrics.finished.labels(reason).inc()
             if req.finish_reason is None:
-                self.batcher.cancel(req)
+                self.batcher.cancel(req, reason)
 
 
 class Detokenizer:

@@ -161,6 +161,24 @@ def test_disconnect_mid_stream_frees_the_row(server):
     assert engine.metrics.finished.labels("cancelled")._value.get() == before + 1
 
 
+def test_stop_string_ends_the_text_and_counts_as_stop(server, demo_bundle):
+    client, engine = server
+    want = alone(demo_bundle, PROMPT, 24)
+    stop = want[len(want) // 2: len(want) // 2 + 3]
+    finished = engine.metrics.finished
+    before = {r: finished.labels(r)._value.get() for r in ("stop", "cancelled")}
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24,
+                                             "temperature": 0, "stop": stop})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == want[:want.index(stop)] and choice["finish_reason"] == "stop"
+    deadline = time.time() + 30
+    while engine.batcher.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.batcher.active == 0
+    assert finished.labels("stop")._value.get() == before["stop"] + 1
+    assert finished.labels("cancelled")._value.get() == before["cancelled"]
+
+
 def test_models_health_metrics(server):
     client, _ = server
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["demo"]

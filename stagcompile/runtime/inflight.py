@@ -60,7 +60,7 @@ class Request:
     sampler: Sampler | None = None
     row: int = -1
     pos: int = 0
-    cancelled: bool = False
+    cancelled: str = ""           # why the caller stopped it ("cancelled", or "stop": a stop string)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -115,10 +115,11 @@ class Batcher:
             self.cond.notify()
         return req
 
-    def cancel(self, req: Request) -> None:
-        """Stop `req` at the next iteration and free its row (a client went away)."""
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """Stop `req` at the next iteration and free its row: a client went away ("cancelled"),
+        or the caller found a stop string in its text ("stop")."""
         with self.cond:
-            req.cancelled = True
+            req.cancelled = reason
             self.cond.notify()
 
     @property
@@ -135,9 +136,9 @@ class Batcher:
         with self.cond:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
-                self.finish(req, "cancelled")
+                self.finish(req, req.cancelled)
             for req in [r for r in self.rows if r is not None and r.cancelled]:
-                self.finish(req, "cancelled")
+                self.finish(req, req.cancelled)
             while self.waiting and None in self.rows:
                 req = self.waiting.popleft()
                 req.row, req.pos = self.rows.index(None), 0
