@@ -215,7 +215,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
         manifest = {
             "format": FORMAT, "manifest_version": MANIFEST_VERSION,
             "config": cfg.to_dict(), "dtype": dt, "max_batch": max_batch,
-            "opset": QDQ_OPSET if quant and set(flavours) & set(TRACED) else OPSET,
+            "opset": QDQ_OPSET if quant == "int4" and set(flavours) & set(TRACED) else OPSET,
             "graphs": graphs,
             "io": [io.to_dict() for io in ios],
             "caches": {"self": {"capacity": cfg.self_capacity(), "window": cfg.self_window},

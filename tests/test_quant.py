@@ -1,6 +1,7 @@
 """Weight-only quantization (`export --quant`): the graphs ONNX Runtime's quantizer writes, the
 manifest, validation by token agreement and bits per byte (against the PyTorch reference and an
-fp32 bundle), one-line errors, bench rows, and the TensorRT-RTX build of the int4 QDQ graphs.
+fp32 bundle), one-line errors, bench rows, and the TensorRT-RTX build of the int8 and int4 QDQ
+graphs.
 
 Real data: the shipped demo checkpoint (trained, with its tokenizer) and a 3.5 KB Shakespeare
 excerpt (tests/data/macbeth.txt, from the public-domain corpus)."""
@@ -34,7 +35,7 @@ RTX = next((m for m in ("tensorrt_rtx", "tensorrt_rtx_bindings") if importlib.ut
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     out = {}
-    for name, flavour, quant in (("fp32", "ort", None), ("int8", "ort", "int8"),
+    for name, flavour, quant in (("fp32", "ort", None), ("int8", "all", "int8"),
                                  ("int4", "all", "int4")):
         out[name] = export_bundle(DEMO_DIR, root / name, flavour, show_progress=False,
                                   quant=quant)
@@ -82,6 +83,27 @@ def test_tensorrt_graphs_hold_blockwise_int4_dequantize(bundles):
         assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dq)
         assert len(dq[0].input) == 2                               # symmetric: no zero point
         assert next(o.version for o in model.opset_import if o.domain == "") == 21
+
+
+def test_tensorrt_graphs_hold_per_channel_int8_dequantize(bundles):
+    """int8 for TensorRT: each MatMul weight [K, N] is int8 with one scale per output channel
+    (its accuracy: the agreement and bits-per-byte test below covers the portable graphs)."""
+    import numpy as np
+    from onnx import numpy_helper
+    for flavour in ("portable", "plugin"):
+        model = onnx.load(str(bundles["int8"] / "graphs" / flavour / "stack1.onnx"))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert dq and all({a.name: a.i for a in n.attribute}["axis"] == 1 for n in dq)
+        matmul_b = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+        assert {n.output[0] for n in dq} <= matmul_b
+        for n in dq:
+            q, scale = inits[n.input[0]], inits[n.input[1]]
+            assert q.dtype == np.int8 and scale.shape == (q.shape[1],)
+            assert np.abs(q).max() == 127 and len(n.input) == 2         # symmetric, full range
+    m = json.loads((bundles["int8"] / "manifest.json").read_text())
+    assert m["opset"] == 18 and "per output channel" in m["quant"]["formats"]["portable"]
+    assert set(m["quant"]["nodes_quantized"]) == {"ort", "portable", "plugin"}
 
 
 def test_validate_passes_with_agreement_and_bits_per_byte(bundles):
@@ -159,8 +181,6 @@ def test_embedding_can_stay_unquantized(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"quant": "int3"}, r"--quant int3: expected one of int8, int4"),
     ({"quant": "int4", "block_size": 24}, r"--block-size 24: expected a power of two >= 16"),
-    ({"quant": "int8", "flavour": "all"}, r"--quant int8: the TensorRT graphs \(portable, "
-                                          r"plugin\) take int4 only"),
     ({"quant": "int4", "flavour": "ort", "dtype": "fp16"}, r"--quant int4 with --dtype fp16"),
 ])
 def test_bad_export_options(tmp_path, kwargs, match):
@@ -229,11 +249,12 @@ def test_bench_report_quant_ratios():
 
 @pytest.mark.skipif(RTX is None, reason="TensorRT-RTX is not installed (pip install "
                     "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)")
-def test_tensorrt_rtx_builds_the_int4_graphs(bundles, tmp_path):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_tensorrt_rtx_builds_the_quantized_graphs(bundles, tmp_path, quant):
     from stagcompile.build import build_engines
-    copy = tmp_path / "int4"
-    shutil.copytree(bundles["int4"], copy)
+    copy = tmp_path / quant
+    shutil.copytree(bundles[quant], copy)
     res = build_engines(copy, show_progress=False)
     bundle = Bundle.load(copy)                                 # every checksum verifies
-    assert res["flavour"] == "portable" and bundle.quant["weights"] == "int4"
+    assert res["flavour"] == "portable" and bundle.quant["weights"] == quant
     assert all((copy / rel).stat().st_size > 0 for rel in bundle.manifest["engines"]["files"])
