@@ -8,5 +8,6 @@ OUT=${OUT:-runs/demo}
 make setup
 .venv/bin/stagcompile train "$CORPUS/train.txt.xz" --val "$CORPUS/val.txt.xz" -o "$OUT" \
     --preset demo --steps 4000 --batch-size 16 --seq-len 128 --lr 3e-3 --warmup 100 \
-    --eval-every 250 --save-every 500 --seed 0
+    --eval-every 250 --save-every 500 --seed 0 \
+    --set cross_gate=true --stack1-lr-mult 0.1 --aux-loss 1    # the stack-1 recipe (README)
 .venv/bin/python -m stagcompile.demo "$OUT" stagcompile/demo
