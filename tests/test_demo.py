@@ -21,13 +21,15 @@ pytestmark = pytest.mark.xdist_group("demo")
 def test_demo_checkpoint_loads_and_matches_its_config():
     model = checkpoint.load(DEMO_DIR, dtype=None)
     cfg = model.cfg
-    assert cfg == preset("demo").replace(vocab_size=cfg.vocab_size)
+    # trained with the stack-1 recipe (scripts/train_demo.sh: --set cross_gate=true)
+    assert cfg == preset("demo").replace(vocab_size=cfg.vocab_size, cross_gate=True)
     assert (cfg.num_stacks, cfg.shared_weights) == (2, False)
     assert str(next(model.parameters()).dtype) == "torch.float16"
     assert (DEMO_DIR / "model.safetensors").stat().st_size <= 10 * 2**20
     assert (DEMO_DIR / "tokenizer.json").is_file()
     card = (DEMO_DIR / "MODEL_CARD.md").read_text()
     assert "bits per byte" in card and "scripts/train_demo.sh" in card
+    assert "--set cross_gate=true --stack1-lr-mult 0.1 --aux-loss 1.0" in card
 
 
 def test_demo_compiles_validates_and_generates(tmp_path):

@@ -116,7 +116,7 @@ def test_validate_passes_with_agreement_and_bits_per_byte(bundles):
         assert all(t["agreement"] >= t["minimum"] for t in rep.tokens)
         ref = rep.text["reference"]["bpb"]
         for r in rep.text["results"]:
-            assert 0 <= r["rise"] <= rep.text["max_rise"]
+            assert abs(r["rise"]) <= rep.text["max_rise"]    # can fall by chance, too
             assert r["bpb"] == pytest.approx(ref * (1 + r["rise"]))
     report = json.loads((bundles["int4"] / "validation" / "report.json").read_text())
     assert report["passed"] and report["text"]["results"][0]["flavour"] == "ort"
