@@ -244,7 +244,7 @@ def prepare_checkpoints(checkpoint: Path | None, preset_name: str | None, work: 
         m.load_state_dict(model.state_dict())
         out[w] = ck.save(m, work / f"ckpt-{w}")
     base = StagFormer(cfg.replace(num_stacks=1, layers_per_stack=cfg.num_layers,
-                                  shared_weights=False, cross_window=None))
+                                  shared_weights=False, cross_window=None, cross_gate=False))
     base.reset_parameters(seed)
     out["baseline"] = ck.save(base, work / "ckpt-baseline")
     return out

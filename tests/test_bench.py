@@ -108,3 +108,17 @@ def test_compare_bundles_measures_every_configuration_of_each(bundle_root, tmp_p
     assert {"sequential 1t", "staggered 1+1", "stack 1 alone", "stack 2 alone"} <= set(rows)
     for first, second in rows.values():
         assert float(first) > 0 and float(second.split()[0]) > 0 and second.strip().endswith("x)")
+
+
+def test_baseline_of_a_gated_model_has_no_gate(tmp_path):
+    """A checkpoint with cross_gate (the demo's) gets a P = 1 baseline without one (a single
+    stack has no cross-attention to gate)."""
+    from stagcompile import checkpoint
+    from stagcompile.bench import prepare_checkpoints
+    from stagcompile.config import preset
+    from stagcompile.model import StagFormer
+    gated = checkpoint.save(StagFormer(preset("tiny").replace(cross_gate=True)), tmp_path / "g")
+    out = prepare_checkpoints(gated, None, tmp_path / "work", ["unbounded"], 4)
+    base = checkpoint.load_config(out["baseline"])
+    assert (base.num_stacks, base.cross_gate) == (1, False)
+    assert checkpoint.load_config(out["unbounded"]).cross_gate
