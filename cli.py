@@ -134,10 +134,10 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (confi
            max_seq_len: Optional[int] = typer.Option(None, help="Cache capacity for unbounded "
                                                      "attention (default: the config's)."),
            max_batch: int = typer.Option(8, help="Largest batch the bundle serves."),
-           quant: Optional[str] = typer.Option(None, help="Weight-only quantization: int8 (ort "
-                                               "flavour only) or int4, by ONNX Runtime's "
-                                               "quantizer (MatMulNBits for ort, int4 "
-                                               "DequantizeLinear for portable/plugin)."),
+           quant: Optional[str] = typer.Option(None, help="Weight-only quantization: int8 or "
+                                               "int4 (MatMulNBits in the ort graphs, "
+                                               "DequantizeLinear before each MatMul in the "
+                                               "portable/plugin graphs)."),
            block_size: int = typer.Option(32, help="Weights per quantization block along K "
                                           "(a power of two >= 16)."),
            quant_embedding: bool = typer.Option(True, help="With --quant int4, also quantize "

@@ -122,7 +122,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
     from stagcompile.quantize import QDQ_OPSET, check_quant, manifest_section, quantize
 
     check_options(flavour, dtype, max_batch, max_seq_len)
-    check_quant(quant, block_size, FLAVOUR_CHOICES.get(flavour, ()), dtype)
+    check_quant(quant, block_size, dtype)
     import torch
 
     from graphs.io import stack_io

@@ -37,7 +37,7 @@ QDQ_FORMAT = {4: "DequantizeLinear (int4, axis 0, block_size) -> MatMul, opset 2
 QDQ_OPSET = 21                  # int4 tensors and DequantizeLinear's block_size need opset 21
 
 
-def check_quant(quant: str | None, block_size: int, flavours, dtype: str) -> None:
+def check_quant(quant: str | None, block_size: int, dtype: str) -> None:
     """One-line errors for options the quantizer cannot honour."""
     if quant is None:
         return

@@ -286,5 +286,9 @@ def test_stack_errors_name_the_stack_and_step():
         with pytest.raises(StackError, match=r"^stack 2 graph failed \(fake backend, decode step "
                                              r"at position 3\): \[Fake\] stack two broke$"):
             sched.step(np.zeros(1, np.int64))
+        with pytest.raises(StackError, match=r"^stack 2 graph failed \(fake backend, decode step "
+                                             r"of 2 rows at positions 3..5\): \[Fake\] stack two "
+                                             r"broke$"):
+            sched.run_step(np.zeros(2, np.int64), np.array([3, 5]), 1)
         sched.close()
 

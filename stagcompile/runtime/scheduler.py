@@ -125,7 +125,7 @@ class Scheduler:
         if schedule == "staggered" and backend.concurrency == "threads" and self.num_stacks > 1:
             self.pool = StackPool(self.launch, self.num_stacks)
         self.pos = 0
-        self.at = ""
+        self.at = 0
 
     def room(self, n: int = 1) -> bool:
         return self.unbounded_length or self.pos + n <= self.max_seq_len
@@ -173,8 +173,10 @@ class Scheduler:
         except (BundleError, CapacityError):
             raise
         except Exception as exc:
+            at = (f"at position {self.at}" if np.ndim(self.at) == 0 else
+                  f"of {len(self.at)} rows at positions {min(self.at)}..{max(self.at)}")
             raise _failed(f"stack {k + 1} graph failed ({self.backend.name} backend, decode step "
-                          f"{self.at})", exc) from exc
+                          f"{at})", exc) from exc
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens [B] at position self.pos -> logits [B, V]."""
@@ -188,8 +190,7 @@ class Scheduler:
     def run_step(self, tokens: np.ndarray, pos, parity: int) -> np.ndarray:
         """One decode step of every stack under the schedule: tokens [n] of rows 0..n-1 at `pos`
         (one position, or one per row) -> logits [n, V]."""
-        self.at = (f"at position {pos}" if np.ndim(pos) == 0 else
-                   f"of {len(tokens)} rows at positions {min(pos)}..{max(pos)}")
+        self.at = pos                       # for an error message only: formatted on failure
         self.backend.set_step(tokens, pos)
         if self.pool is not None:
             self.pool.run(parity)
