@@ -111,6 +111,18 @@ def inspect(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (or a
         print_inspect(rep)
 
 
+class QkvTable(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+QKV_TABLE_HELP = ("ort graphs: the first layer's Q|K|V of each stack from a per-token table "
+                  "precomputed at export (one row read per token instead of the projection "
+                  "weight; costs vocab/d_model times its memory). auto: on when vocab <= 16 x "
+                  "d_model and the weights are not quantized.")
+
+
 class Flavour(str, Enum):
     all = "all"
     ort = "ort"
@@ -143,12 +155,13 @@ def export(checkpoint: Path = typer.Argument(..., help="Checkpoint folder (confi
            quant_embedding: bool = typer.Option(True, help="With --quant int4, also quantize "
                                                 "the ort graphs' embedding "
                                                 "(GatherBlockQuantized)."),
+           qkv_table: QkvTable = typer.Option(QkvTable.auto, help=QKV_TABLE_HELP),
            force: bool = typer.Option(False, help="Replace an existing bundle.")):
     """Export one ONNX graph per stack, the manifest, a golden trace and the runtime."""
     from stagcompile.export import export_bundle
     out = export_bundle(checkpoint, output, flavour.value, dtype.value, max_seq_len, max_batch,
                         force, quant=quant, block_size=block_size,
-                        quant_embedding=quant_embedding)
+                        quant_embedding=quant_embedding, qkv_table=qkv_table.value)
     console.print(f"wrote bundle {out}")
 
 
@@ -317,11 +330,12 @@ def compile_(checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
                                                        "attention (default: the config's)."),
              max_batch: int = typer.Option(8, help="Largest batch the bundle serves."),
              build: bool = typer.Option(True, help="Build TensorRT engines where possible."),
+             qkv_table: QkvTable = typer.Option(QkvTable.auto, help=QKV_TABLE_HELP),
              force: bool = typer.Option(False, help="Replace an existing bundle.")):
     """Export, build (where TensorRT and a GPU exist), validate, and summarise."""
     from stagcompile.compile import compile_checkpoint
     compile_checkpoint(checkpoint, output, flavour.value, dtype.value, max_seq_len, max_batch,
-                       force, build)
+                       force, build, qkv_table=qkv_table.value)
 
 
 @app.command()
@@ -404,6 +418,8 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
           quant: str = typer.Option("", help="Also time bundles with quantized weights: int8 "
                                     "and/or int4, comma-separated (with --peer ortgenai also "
                                     "its model at that precision)."),
+          qkv_table: QkvTable = typer.Option(QkvTable.auto, help="The bundles' first-layer "
+                                             "Q|K|V table (see `export --help`)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Write results as JSON."),
           plot: Optional[Path] = typer.Option(None, help="Write a bar chart (PNG).")):
     """Staggered vs sequential vs a P = 1 baseline vs PyTorch eager, side by side."""
@@ -413,7 +429,8 @@ def bench(checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint fol
     res = run_bench(checkpoint, preset, _ints("--batch", batch), _ints("--context", context),
                     [w.strip() for w in window.split(",") if w.strip()], bounded_window, backend,
                     iters, rounds, warmup, spinning, torch_baseline, flavour=flavour, peer=peer,
-                    quant=[q.strip() for q in quant.split(",") if q.strip()])
+                    quant=[q.strip() for q in quant.split(",") if q.strip()],
+                    qkv_table=qkv_table.value)
     print_report(res)
     if json_out:
         write_json(res, json_out)

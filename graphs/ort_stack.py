@@ -30,6 +30,12 @@ Attention paths, by window (each recorded in the manifest):
 - window W: GroupQueryAttention's sliding-window cache (`sliding_window_cache=1`,
   `local_window_size=W`: the query at p attends p-W+1 .. p, exactly the reference) of 2W rows;
   it keeps the latest positions contiguous and compacts by itself, so memory stays constant.
+First layer (`qkv_table`): the first layer's attention input RMSNorm(E[t]) * g depends on the token
+alone, so its fused projection can be a table of every token's row, precomputed at export
+(float64, then the graph dtype): one Gather of a [vocab, (H + 2 Hkv) D] row replaces the first
+RMSNormalization and the first MatMul, and the step reads one row instead of the d x (H + 2 Hkv) D
+weight. It costs vocab / d_model times that weight's memory, so `qkv_table_auto` takes it when
+vocab <= 16 d_model on unquantized graphs (the manifest says which path each bundle uses).
 With `cross_gate` the gate is folded into the cross-attention's output projection
 (tanh(gate) * Wo). RoPE: when every attention is windowed (the model may run past max_seq_len) the tables are
 computed per step from `pos` and applied by RotaryEmbedding nodes; otherwise GroupQueryAttention
@@ -45,6 +51,14 @@ from graphs.io import GraphIO, ort_stack_io
 MS = "com.microsoft"
 OPSET = 23          # RMSNormalization (the first norm); every other node is a contrib op or older
 ONNX_DTYPES = {"float32": "FLOAT", "float16": "FLOAT16"}
+
+
+QKV_TABLE_MAX_RATIO = 16   # auto: the table costs vocab / d_model times the weight it replaces
+
+
+def qkv_table_auto(cfg, quant: str | None) -> bool:
+    """Whether an export takes the first-layer QKV table by default."""
+    return quant is None and cfg.vocab_size <= QKV_TABLE_MAX_RATIO * cfg.d_model
 
 
 def rope_mode(cfg) -> str:
@@ -112,10 +126,12 @@ class _Builder:
 class OrtStackGraph:
     """Builds the ort-flavour graph of 0-based `stack` from a state dict of numpy arrays."""
 
-    def __init__(self, cfg, weights: dict[str, np.ndarray], stack: int, dtype: str = "float32"):
+    def __init__(self, cfg, weights: dict[str, np.ndarray], stack: int, dtype: str = "float32",
+                 qkv_table: bool = False):
         if dtype not in ONNX_DTYPES:
             raise ValueError(f"the ort flavour supports {', '.join(ONNX_DTYPES)}, got {dtype}")
         self.cfg, self.w, self.k, self.dtype = cfg, weights, stack, dtype
+        self.qkv_table = qkv_table
         self.io = ort_stack_io(cfg, stack, dtype)
         self.b = _Builder(self.io, dtype)
         self.trunk = f"trunks.{0 if cfg.shared_weights else stack}.layers"
@@ -193,8 +209,29 @@ class OrtStackGraph:
 
     def _linear(self, h, name: str, *parts: str):
         """h @ [W_part1 | W_part2 | ...] (one MatMul over the concatenated weights)."""
-        w = np.concatenate([_t(self.w[p]) for p in parts], axis=1)
-        return self.b.op("MatMul", [h, self.b.weight(name, w)])
+        return self.b.op("MatMul", [h, self.b.weight(name, self._fused(*parts))])
+
+    @staticmethod
+    def _qkv_parts(p: str) -> list[str]:
+        return [f"{p}.attn.{n}.weight" for n in ("wq", "wk", "wv")]
+
+    def _fused(self, *parts: str) -> np.ndarray:
+        return np.concatenate([_t(self.w[p]) for p in parts], axis=1)      # [in, sum(out)]
+
+    def _first_qkv(self, resid, p: str):
+        """The first layer's fused Q|K|V of the stack input `resid` = E[input_ids]: the
+        projection of its RMSNorm, or (qkv_table) a Gather from every token's precomputed row."""
+        b, w, parts = self.b, self.w, self._qkv_parts(p)
+        norm = f"{p}.attn_norm.weight"
+        if not self.qkv_table:
+            h = b.op("RMSNormalization", [resid, b.weight(norm, w[norm])],
+                     {"epsilon": self.cfg.norm_eps, "axis": -1, "stash_type": 1})
+            return self._linear(h, f"{p}.attn.wqkv", *parts)
+        e = w["embed.weight"].astype(np.float64)                                # [V, d]
+        h = e / np.sqrt(np.mean(e * e, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        table = (h * w[norm].astype(np.float64)) @ self._fused(*parts).astype(np.float64)
+        table = b.weight("embed.qkv_table", table)                              # [V, N]
+        return b.op("Gather", [table, b.values["input_ids"]])                   # [B, S, N]
 
     def _present(self, values, role: str, layer: int) -> None:
         for kv, v in zip("kv", values):
@@ -206,12 +243,10 @@ class OrtStackGraph:
         self._step_values()
         embed = b.weight("embed.weight", w["embed.weight"])
         resid = b.op("Gather", [embed, b.values["input_ids"]])                 # [B, S, d]
-        first = f"{tr}.0.attn_norm.weight"
-        h = b.op("RMSNormalization", [resid, b.weight(first, w[first])],
-                 {"epsilon": cfg.norm_eps, "axis": -1, "stash_type": 1})
         for l in range(cfg.layers_per_stack):
             p = f"{tr}.{l}"
-            qkv = self._linear(h, f"{p}.attn.wqkv", *(f"{p}.attn.{n}.weight" for n in ("wq", "wk", "wv")))
+            qkv = (self._first_qkv(resid, p) if l == 0 else
+                   self._linear(h, f"{p}.attn.wqkv", *self._qkv_parts(p)))
             a, *present = self._attention(qkv, None, None, b.values[f"self.k.{l}"],
                                           b.values[f"self.v.{l}"], cfg.self_window)
             self._present(present, "self", l)
@@ -286,6 +321,7 @@ class OrtStackGraph:
         b.output(logits, "logits")
 
 
-def build_stack(cfg, weights: dict[str, np.ndarray], stack: int, dtype: str = "float32"):
+def build_stack(cfg, weights: dict[str, np.ndarray], stack: int, dtype: str = "float32",
+                qkv_table: bool = False):
     """The ort-flavour onnx_ir Model of 0-based `stack`."""
-    return OrtStackGraph(cfg, weights, stack, dtype).build()
+    return OrtStackGraph(cfg, weights, stack, dtype, qkv_table).build()

@@ -255,7 +255,8 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
               bounded: int = 32, backend: str = "ort", iters: int = 20, rounds: int = 5,
               warmup: int = 3, spinning: bool = False, include_torch: bool = True,
               work_dir: Path | None = None, show_progress: bool = True,
-              flavour: str = "ort", peer: str | None = None, quant=()) -> dict:
+              flavour: str = "ort", peer: str | None = None, quant=(),
+              qkv_table: str = "auto") -> dict:
     from stagcompile.bench_report import summarise
     from stagcompile.config import load_config
     from stagcompile.export import export_bundle
@@ -305,7 +306,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
                     out = work / f"bundle-{variant}-{ctx}-{q or 'fp32'}"
                     export_bundle(ck, out, "both" if backend == "trt" else flavour, "fp32",
                                   ctx + margin, max(batches), force=True, show_progress=False,
-                                  quant=q)
+                                  quant=q, qkv_table=qkv_table)
                     if backend == "trt":
                         from stagcompile.build import build_engines
                         build_engines(out, max_prefill=ctx, show_progress=False)
@@ -363,5 +364,6 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
             "warmup": warmup, "spinning": spinning, "bounded_window": bounded,
             "flavour": flavour if backend == "ort" else None, "peer": peer,
             "peer_tokens": peer_check.get("fp32"), "quant": quant,
-            "peer_tokens_quant": {q: v for q, v in peer_check.items() if q != "fp32"}}
+            "peer_tokens_quant": {q: v for q, v in peer_check.items() if q != "fp32"},
+            "qkv_table": qkv_table if flavour == "ort" and backend == "ort" else None}
     return summarise(meta, rows)

@@ -121,7 +121,9 @@ def print_report(res: dict, con: Console | None = None) -> None:
     m = res["meta"]
     con.print(f"[bold]stagcompile bench[/] ({m['backend']}, {m['cores']} cores, "
               f"{m['rounds']} rounds x {m['iters']} steps after {m['warmup']} warm-up, "
-              f"ORT spinning {'on' if m['spinning'] else 'off'})")
+              f"ORT spinning {'on' if m['spinning'] else 'off'}"
+              + (f", first-layer Q|K|V table {m['qkv_table']}" if m.get("qkv_table") else "")
+              + ")")
     t = Table(title="per-token decode latency (ms) and prefill throughput")
     for col in ("batch", "ctx", "cross win", "configuration", "median", "p10", "p90",
                 "prefill tok/s"):

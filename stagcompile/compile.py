@@ -34,13 +34,15 @@ def can_build() -> tuple[bool, str]:
 
 def compile_checkpoint(checkpoint: Path, output: Path, flavour: str = "all", dtype: str = "fp32",
                        max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
-                       build: bool = True, show_progress: bool = True) -> dict:
+                       build: bool = True, show_progress: bool = True,
+                       qkv_table: str = "auto") -> dict:
     from stagcompile.export import export_bundle
     from stagcompile.validate import print_report, validate_bundle
 
     con = Console(stderr=True)
     con.print(f"[bold]1/3 export[/] {checkpoint} -> {output}")
-    export_bundle(checkpoint, output, flavour, dtype, max_seq_len, max_batch, force, show_progress)
+    export_bundle(checkpoint, output, flavour, dtype, max_seq_len, max_batch, force, show_progress,
+                  qkv_table=qkv_table)
     built, why = False, "skipped (--no-build)"
     if build:
         ok, why = can_build()

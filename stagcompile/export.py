@@ -88,7 +88,34 @@ def ort_unsupported(cfg, dtype: str) -> str | None:
     return None
 
 
-def ort_manifest(cfg, ios) -> dict:
+QKV_TABLE_CHOICES = ("auto", "on", "off")
+
+
+def use_qkv_table(cfg, choice: str, quant: str | None) -> bool:
+    """Resolve `--qkv-table auto|on|off` for this model (auto: ort_stack.qkv_table_auto)."""
+    from graphs.ort_stack import qkv_table_auto
+
+    if choice not in QKV_TABLE_CHOICES:
+        raise StagError(f"--qkv-table {choice!r}: expected one of {', '.join(QKV_TABLE_CHOICES)}")
+    if choice == "on" and quant is not None:
+        raise StagError(f"--qkv-table on with --quant {quant}: the table is a full-precision "
+                        "copy of the first projection for every token; use it on unquantized "
+                        "bundles (auto leaves it off with --quant)")
+    return qkv_table_auto(cfg, quant) if choice == "auto" else choice == "on"
+
+
+def qkv_table_note(cfg, on: bool, dtype: str) -> str:
+    """The manifest's account of the first layer's Q|K|V path."""
+    if not on:
+        return "MatMul of RMSNorm(E[t]) (the d x (H + 2 Hkv) D weight read every step)"
+    width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    mib = cfg.vocab_size * width * np.dtype(dtype).itemsize / 2 ** 20
+    return (f"Gather from a [{cfg.vocab_size}, {width}] table of RMSNorm(E[v]) @ [Wq|Wk|Wv] "
+            f"for every token v, precomputed at export ({mib:.1f} MiB per stack; one row read "
+            "per token)")
+
+
+def ort_manifest(cfg, ios, qkv_table: bool = False, dtype: str = "float32") -> dict:
     """What the ort flavour's graphs do differently, and why (manifest section `ort`)."""
     from graphs.io import ort_capacity
     from graphs.ort_stack import OPSET, rope_mode
@@ -112,13 +139,16 @@ def ort_manifest(cfg, ios) -> dict:
                  "windowed, so positions may pass max_seq_len)" if rope_mode(cfg) == "step" else
                  "inside GroupQueryAttention with cos/sin tables of max_seq_len positions"),
         "logits": "last position only, [batch, 1, vocab]",
+        "first_qkv": qkv_table_note(cfg, qkv_table, dtype),
+        "qkv_table": qkv_table,
     }
 
 
 def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtype: str = "fp32",
                   max_seq_len: int | None = None, max_batch: int = 8, force: bool = False,
                   show_progress: bool = True, golden_batch: int = 2, quant: str | None = None,
-                  block_size: int = 32, quant_embedding: bool = True) -> Path:
+                  block_size: int = 32, quant_embedding: bool = True,
+                  qkv_table: str = "auto") -> Path:
     from stagcompile.quantize import QDQ_OPSET, check_quant, manifest_section, quantize
 
     check_options(flavour, dtype, max_batch, max_seq_len)
@@ -147,6 +177,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
         raise StagError(f"--flavour ort: {ort_skipped}")
     if ort_skipped:
         flavours = tuple(f for f in flavours if f != "ort")
+    table = use_qkv_table(cfg, qkv_table, quant)
     export_model = model if dt == "float32" else copy.deepcopy(model).to(getattr(torch, dt))
     output = Path(output)
     files: list[Path] = []
@@ -174,7 +205,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
                 bar.update(task, description=f"build stack {k + 1}/{cfg.num_stacks} (ort)")
                 path = tmp / "graphs" / "ort" / f"stack{k + 1}.onnx"
                 written, ort_io = save_ort_stack(cfg, weights, k, dt, path,
-                                                 lambda p: quantized(p, "ort"))
+                                                 lambda p: quantized(p, "ort"), table)
                 ort_ios.append(ort_io)
                 files += written
                 graphs["ort"].append({"stack": k + 1, "file": str(path.relative_to(tmp)),
@@ -233,7 +264,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
             "weights": _shared_weights(model),
             "quant": (manifest_section(quant, block_size, flavours, changed, quant_embedding)
                       if quant else None),
-            "ort": (ort_manifest(cfg, ort_ios) if ort_ios
+            "ort": (ort_manifest(cfg, ort_ios, table, dt) if ort_ios
                     else {"skipped": ort_skipped} if ort_skipped else None),
             "validation": {"trace": "validation/trace.npz", "batch": golden_batch,
                            "prompt_len": prompt_len, "steps": steps},

@@ -136,14 +136,16 @@ def save(proto: onnx.ModelProto, path: Path) -> list[Path]:
     return files
 
 
-def save_ort_stack(cfg, weights: dict, stack: int, dtype: str, path: Path, transform=None):
+def save_ort_stack(cfg, weights: dict, stack: int, dtype: str, path: Path, transform=None,
+                   qkv_table: bool = False):
     """Build, write and check the ort-flavour graph of 0-based `stack` (`transform(proto)` ->
-    proto, when given, rewrites it first: quantization); returns (files, I/O)."""
+    proto, when given, rewrites it first: quantization; `qkv_table`: the first layer's Q|K|V
+    from a per-token table); returns (files, I/O)."""
     import onnx_ir as ir
 
     from graphs.ort_stack import OrtStackGraph
 
-    graph = OrtStackGraph(cfg, weights, stack, dtype)
+    graph = OrtStackGraph(cfg, weights, stack, dtype, qkv_table)
     proto = ir.serde.serialize_model(graph.build())
     proto.doc_string = f"stagcompile stack {stack + 1} of {cfg.num_stacks} (ort flavour)"
     written = save(transform(proto) if transform else proto, path)

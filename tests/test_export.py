@@ -149,6 +149,59 @@ def test_ort_flavour_structure(bundle_root, cfg):
         assert len(ops) < 40 + 16 * cfg.layers_per_stack, len(ops)
 
 
+@pytest.mark.parametrize("cfg", grouped([VARIANTS[4]]))
+def test_first_layer_qkv_table(bundle_root, tmp_path, cfg):
+    """auto takes the first-layer Q|K|V table on the tiny model (vocab 97 <= 16 x 64): each
+    stack's first projection is one Gather of a [vocab, (H + 2 Hkv) D] table and the first
+    RMSNormalization and MatMul are gone; off keeps them. Both reproduce the golden trace and
+    generate the same greedy tokens, and the manifest says which path each bundle took."""
+    from stagcompile.runtime.generator import Generator
+
+    on, _ = bundle_for(bundle_root, cfg)
+    off = tmp_path / "off"
+    export_bundle(on.parent / "ck", off, "ort", qkv_table="off", show_progress=False)
+    width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    prompt = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 5))
+    tokens = []
+    for path, table in ((on, True), (off, False)):
+        man = json.loads((path / "manifest.json").read_text())["ort"]
+        assert man["qkv_table"] is table
+        assert man["first_qkv"].startswith("Gather" if table else "MatMul")
+        for k in range(cfg.num_stacks):
+            proto = onnx.load(str(path / "graphs" / "ort" / f"stack{k + 1}.onnx"))
+            ops = [n.op_type for n in proto.graph.node]
+            inits = {i.name: list(i.dims) for i in proto.graph.initializer}
+            assert ("RMSNormalization" in ops) is not table
+            L, last = cfg.layers_per_stack, k == cfg.num_stacks - 1
+            # qkv, wo, w13, w2 per layer; cross wq, wo (consumer); consumer's wkv or the LM head
+            assert ops.count("MatMul") == 4 * L - table + 2 * L * (k > 0) + (1 if last else L)
+            assert inits.get("embed.qkv_table") == ([cfg.vocab_size, width] if table else None)
+        assert ort_worst_difference(path) < 1e-4
+        gen = Generator.load(path, flavour="ort")
+        try:
+            tokens.append(gen.generate(prompt, 12))
+        finally:
+            gen.close()
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+
+
+def test_qkv_table_choice():
+    """auto: on for small vocabularies, off for large ones and for quantized weights; on with
+    --quant and unknown values are refused by name."""
+    from graphs.ort_stack import qkv_table_auto
+    from stagcompile.export import use_qkv_table
+
+    assert qkv_table_auto(preset("tiny"), None) and qkv_table_auto(preset("small"), None)
+    assert not qkv_table_auto(preset("base"), None)           # 32000 > 16 x 768
+    assert not qkv_table_auto(preset("small"), "int4")
+    assert use_qkv_table(preset("base"), "on", None)
+    assert not use_qkv_table(preset("small"), "off", None)
+    with pytest.raises(StagError, match="--qkv-table on with --quant int8"):
+        use_qkv_table(preset("small"), "on", "int8")
+    with pytest.raises(StagError, match="--qkv-table 'maybe': expected one of auto, on, off"):
+        use_qkv_table(preset("small"), "maybe", None)
+
+
 def test_ort_flavour_needs_head_dim_multiple_of_16(tmp_path):
     cfg = preset("tiny").replace(d_model=32)                   # head_dim 8
     ck = tmp_path / "ck"
