@@ -68,7 +68,8 @@ def thread_splits(n_stacks: int, n_cores: int) -> list[tuple]:
 
 def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend: str,
                      n_cores: int, spinning: bool, stacks_alone: bool,
-                     flavour: str | None = None, tag: str = "") -> list[Runner]:
+                     flavour: str | None = None, tag: str = "",
+                     huge_pages: bool = True) -> list[Runner]:
     """Runners over one bundle: every schedule and (ONNX Runtime) thread setting worth trying.
     A `tag` (a quantized bundle's precision) is appended to labels and kinds; a tagged
     StagFormer bundle runs the staggered schedule only."""
@@ -82,7 +83,8 @@ def _runtime_runners(bundle_dir: Path, prompt: np.ndarray, variant: str, backend
 
     def make(label, kind, schedule, threads):
         gen = Generator(bundle, make_backend(bundle, backend, schedule, list(threads), spinning,
-                                             flavour if backend == "ort" else None), schedule)
+                                             flavour if backend == "ort" else None, huge_pages),
+                        schedule)
         label, kind = (f"{label} {tag}", f"{kind} {tag}") if tag else (label, kind)
         r = Runner(label, kind, tuple(threads), prefill=lambda: gen.prefill(prompt),
                    step=lambda: gen.step(tok), seek=lambda: gen.scheduler.seek(ctx))
@@ -256,7 +258,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
               warmup: int = 3, spinning: bool = False, include_torch: bool = True,
               work_dir: Path | None = None, show_progress: bool = True,
               flavour: str = "ort", peer: str | None = None, quant=(),
-              qkv_table: str = "auto") -> dict:
+              qkv_table: str = "auto", huge_pages: bool = True) -> dict:
     from stagcompile.bench_report import summarise
     from stagcompile.config import load_config
     from stagcompile.export import export_bundle
@@ -325,16 +327,15 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
             cells = list(itertools.product(batches, contexts, windows))
             for b, ctx, w in cells:
                 prompt = np.random.default_rng(0).integers(0, vocab, (b, ctx)).astype(np.int64)
-                runners = (_runtime_runners(bundles[w, ctx, None], prompt, w, backend, n_cores,
-                                            spinning, True, flavour)
-                           + _runtime_runners(bundles["baseline", ctx, None], prompt, "baseline",
-                                              backend, n_cores, spinning, False, flavour))
+
+                def runners_of(variant: str, q: str | None, alone: bool = False) -> list[Runner]:
+                    return _runtime_runners(bundles[variant, ctx, q], prompt, variant, backend,
+                                            n_cores, spinning, alone, flavour, q or "",
+                                            huge_pages)
+
+                runners = runners_of(w, None, True) + runners_of("baseline", None)
                 for q in quant:
-                    runners += (_runtime_runners(bundles[w, ctx, q], prompt, w, backend, n_cores,
-                                                 spinning, False, flavour, q)
-                                + _runtime_runners(bundles["baseline", ctx, q], prompt,
-                                                   "baseline", backend, n_cores, spinning, False,
-                                                   flavour, q))
+                    runners += runners_of(w, q) + runners_of("baseline", q)
                 for q, folder in (peer_dirs.items() if b == 1 else ()):
                     runners += _peer_runners(folder, prompt, n_cores, spinning, margin, q or "")
                 if include_torch:
@@ -365,5 +366,6 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
             "flavour": flavour if backend == "ort" else None, "peer": peer,
             "peer_tokens": peer_check.get("fp32"), "quant": quant,
             "peer_tokens_quant": {q: v for q, v in peer_check.items() if q != "fp32"},
-            "qkv_table": qkv_table if flavour == "ort" and backend == "ort" else None}
+            "qkv_table": qkv_table if flavour == "ort" and backend == "ort" else None,
+            "huge_pages": huge_pages if backend == "ort" else None}
     return summarise(meta, rows)

@@ -123,6 +123,8 @@ def print_report(res: dict, con: Console | None = None) -> None:
               f"{m['rounds']} rounds x {m['iters']} steps after {m['warmup']} warm-up, "
               f"ORT spinning {'on' if m['spinning'] else 'off'}"
               + (f", first-layer Q|K|V table {m['qkv_table']}" if m.get("qkv_table") else "")
+              + (f", huge pages {'on' if m['huge_pages'] else 'off'}"
+                 if m.get("huge_pages") is not None else "")
               + ")")
     t = Table(title="per-token decode latency (ms) and prefill throughput")
     for col in ("batch", "ctx", "cross win", "configuration", "median", "p10", "p90",

@@ -39,6 +39,9 @@ def parser(default_bundle: Path | None) -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per stack (default: 1 staggered, all "
                         "cores sequential)")
     p.add_argument("--spinning", action="store_true", help="let idle ONNX Runtime threads spin")
+    p.add_argument("--no-huge-pages", action="store_true", help="leave the ort backend's "
+                   "weights and buffers on the kernel's default pages (default: transparent huge "
+                   "pages, Linux)")
     p.add_argument("--flavour", choices=("ort", "portable", "plugin"), default=None,
                    help="graphs the ort backend runs (default: ort when the bundle has them, "
                         "else portable)")
@@ -76,7 +79,7 @@ def main(argv=None, default_bundle: Path | None = None) -> int:
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         gen = Generator.load(args.bundle, args.backend, args.schedule, args.threads, args.spinning,
-                             flavour=args.flavour)
+                             flavour=args.flavour, huge_pages=not args.no_huge_pages)
         ids = gen.encode(args.prompt) if args.prompt else _ids(args)
         vocab = gen.bundle.config["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:
@@ -124,4 +127,15 @@ def report(gen: Generator) -> None:
     print(f"[{gen.backend_name}, {gen.schedule}] batch {s['batch']}, prompt {s['prompt_tokens']} "
           f"tokens: prefill {s['prefill_ms']:.1f} ms; decode {s['decode_ms_median']:.2f} ms/token "
           f"median, {s['decode_ms_p90']:.2f} ms p90; {s['decode_tokens_per_s']:.1f} tokens/s"
-          + (f"; stopped: {s['stopped']}" if s["stopped"] else ""), file=sys.stderr)
+          + (f"; stopped: {s['stopped']}" if s["stopped"] else "") + huge_pages(gen),
+          file=sys.stderr)
+
+
+def huge_pages(gen: Generator) -> str:
+    """"; N MiB on huge pages" when the backend advised its memory onto them."""
+    from .hugepages import backed
+
+    rep = getattr(gen.scheduler.backend, "huge_pages", None)
+    if not rep or not rep["bytes"]:
+        return ""
+    return f"; {backed() / 2 ** 20:.0f} MiB on huge pages"

@@ -23,11 +23,12 @@ BACKENDS = ("ort", "trt", "ort-cuda")
 
 
 def make_backend(bundle: Bundle, backend: str, schedule: str, threads=None, spinning=False,
-                 flavour: str | None = None):
+                 flavour: str | None = None, huge_pages: bool = True):
     if backend == "ort":
         from .ort_backend import OrtBackend
         default = 1 if schedule == "staggered" else _cores()
-        return OrtBackend(bundle, threads if threads is not None else default, spinning, flavour)
+        return OrtBackend(bundle, threads if threads is not None else default, spinning, flavour,
+                          huge_pages)
     if backend == "ort-cuda":
         from .ort_cuda import OrtCudaBackend
         return OrtCudaBackend(bundle, threads if threads is not None else 1)
@@ -76,12 +77,13 @@ class Generator:
 
     @classmethod
     def load(cls, root, backend: str = "ort", schedule: str = "staggered", threads=None,
-             spinning: bool = False, verify: bool = True, flavour: str | None = None) -> "Generator":
+             spinning: bool = False, verify: bool = True, flavour: str | None = None,
+             huge_pages: bool = True) -> "Generator":
         """`flavour` picks the graphs of the ort backend (default: `ort` when the bundle has
-        them, else `portable`)."""
+        them, else `portable`); `huge_pages` backs its weights and buffers with huge pages."""
         bundle = Bundle.load(root, verify=verify)
-        return cls(bundle, make_backend(bundle, backend, schedule, threads, spinning, flavour),
-                   schedule)
+        return cls(bundle, make_backend(bundle, backend, schedule, threads, spinning, flavour,
+                                        huge_pages), schedule)
 
     # ---- text ----------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> np.ndarray:
