@@ -127,7 +127,7 @@ def report(gen: Generator) -> None:
     print(f"[{gen.backend_name}, {gen.schedule}] batch {s['batch']}, prompt {s['prompt_tokens']} "
           f"tokens: prefill {s['prefill_ms']:.1f} ms; decode {s['decode_ms_median']:.2f} ms/token "
           f"median, {s['decode_ms_p90']:.2f} ms p90; {s['decode_tokens_per_s']:.1f} tokens/s"
-          + (f"; stopped: {s['stopped']}" if s["stopped"] else "") + huge_pages(gen),
+          + huge_pages(gen) + (f"; stopped: {s['stopped']}" if s["stopped"] else ""),
           file=sys.stderr)
 
 
