@@ -123,8 +123,8 @@ QKV_TABLE_HELP = ("ort graphs: the first layer's Q|K|V of each stack from a per-
                   "d_model and the weights are not quantized.")
 
 
-HUGE_PAGES_HELP = ("Back the ort backend's weights and buffers with transparent huge pages "
-                   "(Linux; fewer TLB misses while a step streams the weights).")
+HUGE_PAGES_HELP = ("Back the ort backend's weights with transparent huge pages (Linux; fewer "
+                   "TLB misses while a step streams the weights).")
 
 
 class Flavour(str, Enum):

@@ -40,8 +40,8 @@ def parser(default_bundle: Path | None) -> argparse.ArgumentParser:
                         "cores sequential)")
     p.add_argument("--spinning", action="store_true", help="let idle ONNX Runtime threads spin")
     p.add_argument("--no-huge-pages", action="store_true", help="leave the ort backend's "
-                   "weights and buffers on the kernel's default pages (default: transparent huge "
-                   "pages, Linux)")
+                   "weights on the kernel's default pages (default: transparent huge pages, "
+                   "Linux)")
     p.add_argument("--flavour", choices=("ort", "portable", "plugin"), default=None,
                    help="graphs the ort backend runs (default: ort when the bundle has them, "
                         "else portable)")

@@ -80,7 +80,7 @@ class Generator:
              spinning: bool = False, verify: bool = True, flavour: str | None = None,
              huge_pages: bool = True) -> "Generator":
         """`flavour` picks the graphs of the ort backend (default: `ort` when the bundle has
-        them, else `portable`); `huge_pages` backs its weights and buffers with huge pages."""
+        them, else `portable`); `huge_pages` backs its weights with huge pages."""
         bundle = Bundle.load(root, verify=verify)
         return cls(bundle, make_backend(bundle, backend, schedule, threads, spinning, flavour,
                                         huge_pages), schedule)

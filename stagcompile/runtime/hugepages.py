@@ -1,17 +1,20 @@
-"""Back the ONNX Runtime backend's weights and caches with huge pages (Linux transparent huge
-pages), so a decode step's stream over every weight does not miss the TLB every 4 KiB.
+"""Back the ONNX Runtime backend's weights with huge pages (Linux transparent huge pages), so a
+decode step's stream over every weight does not miss the TLB every 4 KiB.
 
     before = snapshot()
     ... create the sessions (ONNX Runtime prepacks the weights into memory it allocates) ...
     report = advise(before)
 
-`advise` marks each anonymous read-write mapping of at least 2 MiB that appeared since the
-snapshot `madvise(MADV_HUGEPAGE)`: pages touched from then on are allocated huge. With `collapse`
-(memory already written, such as prepacked weights) it also asks the kernel to move the pages
-into huge ones now (`MADV_COLLAPSE`, Linux >= 6.1; on older kernels khugepaged collapses marked
-memory in the background). `backed()` is how much of the process's memory is on huge pages. Only memory that appeared in between is touched, so a peer's sessions in the same
+`snapshot` first sets glibc's mmap threshold to 2 MiB (`mallopt(M_MMAP_THRESHOLD)`), so what the
+sessions allocate from then on gets mappings of its own instead of reusing free heap space that a
+process which freed big blocks before (an export, torch) keeps; once set, glibc stops moving the
+threshold. `advise` marks each anonymous read-write mapping of at least 2 MiB that appeared since
+the snapshot `madvise(MADV_HUGEPAGE)` and asks the kernel to move its pages onto huge ones now
+(`MADV_COLLAPSE`, Linux >= 6.1; on older kernels khugepaged collapses marked memory in the
+background). Only memory that appeared in between is touched, so a peer's sessions in the same
 process keep the pages they had. Both calls are advice: contents never change, and where they are
 unavailable (not Linux, THP disabled, no libc) nothing happens and the report says why.
+`backed()` is how much of the process's memory is on huge pages.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def backed() -> int:
     return 0
 
 
-def advise(before: set[tuple[int, int]], collapse: bool = True) -> dict:
+def advise(before: set[tuple[int, int]]) -> dict:
     """Huge pages for the mappings that appeared since `before`; returns what was done."""
     mode = _mode()
     report = {"mode": mode, "regions": 0, "bytes": 0, "collapsed": 0}
@@ -103,6 +106,6 @@ def advise(before: set[tuple[int, int]], collapse: bool = True) -> dict:
         libc.madvise(lo, hi - lo, MADV_HUGEPAGE)
         report["regions"] += 1
         report["bytes"] += hi - lo
-        if collapse and libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+        if libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
             report["collapsed"] += hi - lo
     return report
