@@ -319,9 +319,3 @@ class OrtStackGraph:
         if self.dtype != "float32":
             logits = b.op("Cast", [logits], {"to": b.ir.DataType.FLOAT})
         b.output(logits, "logits")
-
-
-def build_stack(cfg, weights: dict[str, np.ndarray], stack: int, dtype: str = "float32",
-                qkv_table: bool = False):
-    """The ort-flavour onnx_ir Model of 0-based `stack`."""
-    return OrtStackGraph(cfg, weights, stack, dtype, qkv_table).build()

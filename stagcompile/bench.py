@@ -261,7 +261,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
               qkv_table: str = "auto", huge_pages: bool = True) -> dict:
     from stagcompile.bench_report import summarise
     from stagcompile.config import load_config
-    from stagcompile.export import export_bundle
+    from stagcompile.export import export_bundle, use_qkv_table
     from stagcompile.progress import progress
 
     if (checkpoint is None) == (preset_name is None):
@@ -321,6 +321,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
                 peer_dirs = {q: build_peer(ckpts["baseline"], work / "peer", q or "fp32")
                              for q in [None] + quant}
             vocab = load_config(ckpts["baseline"]).vocab_size
+            table = use_qkv_table(load_config(ckpts["baseline"]), qkv_table, None)
             for q, folder in peer_dirs.items():
                 ours = bundles["baseline", contexts[0], q]
                 peer_check[q or "fp32"] = same_greedy_tokens(folder, ours, vocab)
@@ -366,6 +367,7 @@ def run_bench(checkpoint: Path | None = None, preset_name: str | None = None,
             "flavour": flavour if backend == "ort" else None, "peer": peer,
             "peer_tokens": peer_check.get("fp32"), "quant": quant,
             "peer_tokens_quant": {q: v for q, v in peer_check.items() if q != "fp32"},
-            "qkv_table": qkv_table if flavour == "ort" and backend == "ort" else None,
+            "qkv_table": (f"{'on' if table else 'off'} ({qkv_table})"
+                          if flavour == "ort" and backend == "ort" else None),
             "huge_pages": huge_pages if backend == "ort" else None}
     return summarise(meta, rows)

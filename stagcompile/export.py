@@ -91,16 +91,21 @@ def ort_unsupported(cfg, dtype: str) -> str | None:
 QKV_TABLE_CHOICES = ("auto", "on", "off")
 
 
-def use_qkv_table(cfg, choice: str, quant: str | None) -> bool:
-    """Resolve `--qkv-table auto|on|off` for this model (auto: ort_stack.qkv_table_auto)."""
-    from graphs.ort_stack import qkv_table_auto
-
+def check_qkv_table(choice: str, quant: str | None) -> None:
+    """One-line errors for a `--qkv-table` the export cannot honour."""
     if choice not in QKV_TABLE_CHOICES:
         raise StagError(f"--qkv-table {choice!r}: expected one of {', '.join(QKV_TABLE_CHOICES)}")
     if choice == "on" and quant is not None:
         raise StagError(f"--qkv-table on with --quant {quant}: the table is a full-precision "
                         "copy of the first projection for every token; use it on unquantized "
                         "bundles (auto leaves it off with --quant)")
+
+
+def use_qkv_table(cfg, choice: str, quant: str | None) -> bool:
+    """Resolve `--qkv-table auto|on|off` for this model (auto: ort_stack.qkv_table_auto)."""
+    from graphs.ort_stack import qkv_table_auto
+
+    check_qkv_table(choice, quant)
     return qkv_table_auto(cfg, quant) if choice == "auto" else choice == "on"
 
 
@@ -153,6 +158,7 @@ def export_bundle(checkpoint_dir: Path, output: Path, flavour: str = "all", dtyp
 
     check_options(flavour, dtype, max_batch, max_seq_len)
     check_quant(quant, block_size, dtype)
+    check_qkv_table(qkv_table, quant)
     import torch
 
     from graphs.io import stack_io

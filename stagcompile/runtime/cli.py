@@ -135,7 +135,7 @@ def huge_pages(gen: Generator) -> str:
     """"; N MiB on huge pages" when the backend advised its memory onto them."""
     from .hugepages import backed
 
-    rep = getattr(gen.scheduler.backend, "huge_pages", None)
-    if not rep or not rep["bytes"]:
+    done = getattr(gen.scheduler.backend, "huge_pages", None)
+    if done is None or not done.bytes:
         return ""
     return f"; {backed() / 2 ** 20:.0f} MiB on huge pages"

@@ -3,7 +3,7 @@ decode step's stream over every weight does not miss the TLB every 4 KiB.
 
     before = snapshot()
     ... create the sessions (ONNX Runtime prepacks the weights into memory it allocates) ...
-    report = advise(before)
+    done = advise(before)          # an Advice: mode, ranges, bytes, collapsed
 
 `snapshot` first sets glibc's mmap threshold to 2 MiB (`mallopt(M_MMAP_THRESHOLD)`), so what the
 sessions allocate from then on gets mappings of its own instead of reusing free heap space that a
@@ -13,7 +13,7 @@ the snapshot `madvise(MADV_HUGEPAGE)` and asks the kernel to move its pages onto
 (`MADV_COLLAPSE`, Linux >= 6.1; on older kernels khugepaged collapses marked memory in the
 background). Only memory that appeared in between is touched, so a peer's sessions in the same
 process keep the pages they had. Both calls are advice: contents never change, and where they are
-unavailable (not Linux, THP disabled, no libc) nothing happens and the report says why.
+unavailable (not Linux, THP disabled, no libc) nothing happens and the Advice says why.
 `backed()` is how much of the process's memory is on huge pages.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
@@ -87,16 +88,28 @@ def backed() -> int:
     return 0
 
 
-def advise(before: set[tuple[int, int]]) -> dict:
+@dataclass
+class Advice:
+    """What `advise` did: the kernel's mode (or "off", or why nothing could be done), the
+    address ranges it advised and how many of their bytes the kernel collapsed right away."""
+    mode: str
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    collapsed: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges)
+
+
+def advise(before: set[tuple[int, int]]) -> Advice:
     """Huge pages for the mappings that appeared since `before`; returns what was done."""
-    mode = _mode()
-    report = {"mode": mode, "regions": 0, "bytes": 0, "collapsed": 0}
-    if mode not in ("always", "madvise"):
-        return report
+    done = Advice(_mode())
+    if done.mode not in ("always", "madvise"):
+        return done
     libc = _libc()
     if libc is None:
-        report["mode"] = "unavailable (libc not found)"
-        return report
+        done.mode = "unavailable (libc not found)"
+        return done
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = _page()
     for start, end in sorted(snapshot() - before):
@@ -104,8 +117,7 @@ def advise(before: set[tuple[int, int]]) -> dict:
         if hi <= lo:
             continue
         libc.madvise(lo, hi - lo, MADV_HUGEPAGE)
-        report["regions"] += 1
-        report["bytes"] += hi - lo
+        done.ranges.append((lo, hi))
         if libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
-            report["collapsed"] += hi - lo
-    return report
+            done.collapsed += hi - lo
+    return done

@@ -92,8 +92,7 @@ class OrtBackend:
                                                           providers=["CPUExecutionProvider"]))
             except Exception as exc:    # onnxruntime raises its own exception types
                 raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
-        self.huge_pages = (hugepages.advise(before) if huge_pages else
-                           {"mode": "off", "regions": 0, "bytes": 0, "collapsed": 0})
+        self.huge_pages = hugepages.advise(before) if huge_pages else hugepages.Advice("off")
         self.state: HostState | None = None
         self.bindings: dict[tuple[int, int, int], object] = {}
         self.rows = 0
